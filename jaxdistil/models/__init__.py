@@ -1,0 +1,46 @@
+"""Flax BERT teacher and DistilBERT student, numerically equal to transformers' PyTorch models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdistil.models.bert import BertForMaskedLM
+from jaxdistil.models.configs import (
+    BertConfig,
+    ConfigError,
+    DistilBertConfig,
+    ModelConfig,
+    config_from_hf_dict,
+    load_config,
+    save_config,
+)
+from jaxdistil.models.distilbert import DistilBertForMaskedLM
+from jaxdistil.models.layers import EncoderOutput, MaskedLMOutput, TransformerMaskedLM
+
+__all__ = [
+    "BertConfig", "BertForMaskedLM", "ConfigError", "DistilBertConfig", "DistilBertForMaskedLM",
+    "EncoderOutput", "MaskedLMOutput", "ModelConfig", "TransformerMaskedLM", "build_model",
+    "config_from_hf_dict", "init_params", "load_config", "save_config",
+]
+
+
+def build_model(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False):
+    """The Flax module for a config: BERT configs give BertForMaskedLM, DistilBERT ones the student."""
+    cls = BertForMaskedLM if isinstance(cfg, BertConfig) else DistilBertForMaskedLM
+    return cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def init_params(model: TransformerMaskedLM, rng: jax.Array, length: int = 8, boxed: bool = False):
+    """Random parameters (transformers' initialisation: N(0, initializer_range), zero biases).
+
+    ``boxed=True`` keeps the ``nn.Partitioned`` wrappers that carry the logical axis names.
+    """
+    ids = jnp.zeros((1, length), jnp.int32)
+    variables = model.init(rng, ids)
+    params = variables["params"]
+    if not boxed:
+        import flax.linen as nn
+
+        params = nn.unbox(params)
+    return params

@@ -1,0 +1,307 @@
+"""Building blocks shared by the BERT teacher and the DistilBERT student.
+
+BERT and DistilBERT run the same post-LayerNorm transformer: embeddings -> LayerNorm, then per layer
+``LN(x + Attn(x))`` and ``LN(h + FFN(h))``, then an MLM head (dense -> activation -> LayerNorm ->
+projection tied to the word embeddings, plus a bias). Only the names in transformers differ, and
+BERT adds token-type embeddings. So one encoder serves both; ``jaxdistil.hf`` maps the names.
+
+Every parameter carries logical axis names; ``jaxdistil.distill.sharding`` maps them to mesh axes:
+
+  vocab, embed, position, token_type, heads, kv (per-head width), mlp, transform, norm, layers.
+
+Shapes in docstrings: B batch, T sequence length, D hidden, N heads, H per-head width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Dtype = Any
+
+# Activation sharding names (used with nn.with_logical_constraint, no-ops without rules).
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+
+
+def activation_fn(name: str):
+    """Hugging Face activation names: ``gelu`` is the exact erf form, ``gelu_new`` the tanh one."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "gelu_new":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _normal(std: float, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _layer_norm(cfg, dtype, param_dtype, name: str) -> nn.LayerNorm:
+    # Flax computes LayerNorm statistics in fp32 even with a bf16 compute dtype.
+    return nn.LayerNorm(
+        epsilon=cfg.ln_eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=_zeros(("norm",)),
+        name=name,
+    )
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> np.ndarray:
+    """DistilBERT's fixed position table, computed as transformers does (float64, then float32)."""
+    pos = np.arange(n_pos, dtype=np.float64)[:, None]
+    j = np.arange(dim)
+    angles = pos / np.power(10000, 2 * (j // 2) / dim)
+    table = np.zeros((n_pos, dim), dtype=np.float32)
+    table[:, 0::2] = np.sin(angles[:, 0::2])
+    table[:, 1::2] = np.cos(angles[:, 1::2])
+    return table
+
+
+def attention_mask_from(
+    attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape: tuple[int, int]
+) -> jax.Array:
+    """Boolean mask [B, 1, T, T]: key j is visible to query i.
+
+    ``segment_ids`` (packed sequences, 0 = padding) restricts attention to the same segment;
+    otherwise ``attention_mask`` [B, T] (1 = real token) hides padded keys, as transformers does.
+    """
+    batch, length = shape
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        return (same & (segment_ids[:, None, :] > 0))[:, None]
+    if attention_mask is None:
+        return jnp.ones((batch, 1, 1, length), dtype=bool)
+    return attention_mask.astype(bool)[:, None, None, :]
+
+
+@struct.dataclass
+class EncoderOutput:
+    last_hidden_state: jax.Array  # [B, T, D]
+    hidden_states: jax.Array  # [L + 1, B, T, D]: embeddings output, then each layer's output
+    attentions: jax.Array | None = None  # [L, B, N, T, T] when requested
+
+
+@struct.dataclass
+class MaskedLMOutput:
+    logits: jax.Array  # [B, T, V]
+    hidden_states: jax.Array  # [L + 1, B, T, D]
+    attentions: jax.Array | None = None
+
+
+class Embeddings(nn.Module):
+    """Word + position (+ token type) embeddings, LayerNorm, dropout."""
+
+    cfg: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.cfg
+        std = cfg.initializer_range
+        self.word_embeddings = nn.Embed(
+            cfg.vocab_size, cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=_normal(std, ("vocab", "embed")),
+        )
+        if cfg.sinusoidal:
+            table = sinusoidal_table(cfg.max_position_embeddings, cfg.hidden)
+            pos_init = nn.with_logical_partitioning(
+                lambda *_: jnp.asarray(table, self.param_dtype), ("position", "embed"))
+        else:
+            pos_init = _normal(std, ("position", "embed"))
+        self.position_embeddings = nn.Embed(
+            cfg.max_position_embeddings, cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=pos_init,
+        )
+        if cfg.token_types:
+            self.token_type_embeddings = nn.Embed(
+                cfg.token_types, cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                embedding_init=_normal(std, ("token_type", "embed")),
+            )
+        self.LayerNorm = _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, input_ids, position_ids, token_type_ids, deterministic: bool):
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        if self.cfg.token_types:
+            x = x + self.token_type_embeddings(token_type_ids)
+        x = self.LayerNorm(x)
+        x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+        return self.dropout(x, deterministic=deterministic)
+
+
+class TransformerLayer(nn.Module):
+    """One post-LN encoder layer. Call: (x [B,T,D], mask [B,1,T,T]) -> (x, (x, attention probs))."""
+
+    cfg: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    deterministic: bool = True
+    output_attentions: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        std = cfg.initializer_range
+        head_dim = cfg.hidden // cfg.heads
+
+        def proj(name):
+            return nn.DenseGeneral(
+                (cfg.heads, head_dim), dtype=dt, param_dtype=pdt, name=name,
+                kernel_init=_normal(std, ("embed", "heads", "kv")), bias_init=_zeros(("heads", "kv")),
+            )(x)
+
+        q, k, v = proj("q_lin"), proj("k_lin"), proj("v_lin")  # [B, T, N, H]
+        attn_dropout = 0.0 if self.deterministic else cfg.attention_dropout
+        probs = None
+        if self.output_attentions or attn_dropout > 0.0:
+            # Explicit softmax: needed to return the probabilities or to drop some of them.
+            scores = jnp.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(head_dim)
+            scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            kept = nn.Dropout(attn_dropout)(probs, deterministic=self.deterministic)
+            ctx = jnp.einsum("bnts,bsnh->btnh", kept, v)
+        else:
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(head_dim))
+        attn = nn.DenseGeneral(
+            cfg.hidden, axis=(-2, -1), dtype=dt, param_dtype=pdt, name="out_lin",
+            kernel_init=_normal(std, ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
+        )(ctx)
+        attn = nn.Dropout(cfg.dropout)(attn, deterministic=self.deterministic)
+        h = _layer_norm(cfg, dt, pdt, "sa_layer_norm")(attn + x)
+        h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
+
+        ff = nn.Dense(
+            cfg.mlp, dtype=dt, param_dtype=pdt, name="lin1",
+            kernel_init=_normal(std, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
+        )(h)
+        ff = activation_fn(cfg.act)(ff)
+        ff = nn.with_logical_constraint(ff, (BATCH, LENGTH, "activation_mlp"))
+        ff = nn.Dense(
+            cfg.hidden, dtype=dt, param_dtype=pdt, name="lin2",
+            kernel_init=_normal(std, ("mlp", "embed")), bias_init=_zeros(("embed",)),
+        )(ff)
+        ff = nn.Dropout(cfg.dropout)(ff, deterministic=self.deterministic)
+        out = _layer_norm(cfg, dt, pdt, "output_layer_norm")(ff + h)
+        out = nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED))
+        return out, (out, probs)
+
+
+class Encoder(nn.Module):
+    """``cfg.layers`` layers under ``nn.scan`` (params stacked on a leading ``layers`` axis).
+
+    Scanning compiles one layer instead of L, which keeps compile times flat in depth. ``remat``
+    recomputes each layer's activations in the backward pass (memory for compute).
+    """
+
+    cfg: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True, output_attentions: bool = False):
+        block = TransformerLayer
+        if self.remat:
+            block = nn.remat(block, prevent_cse=False)
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,),
+            length=self.cfg.layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, (states, probs) = stack(
+            self.cfg, self.dtype, self.param_dtype, deterministic, output_attentions, name="layers"
+        )(x, mask)
+        return x, states, probs
+
+
+class MLMHead(nn.Module):
+    """Dense -> activation -> LayerNorm; the caller projects onto the tied word embeddings."""
+
+    cfg: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.cfg
+        self.transform = nn.Dense(
+            cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_normal(cfg.initializer_range, ("embed", "transform")),
+            bias_init=_zeros(("transform",)),
+        )
+        self.transform_norm = _layer_norm(cfg, self.dtype, self.param_dtype, "transform_norm")
+        self.bias = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), self.param_dtype)
+
+    def __call__(self, hidden):
+        return self.transform_norm(activation_fn(self.cfg.act)(self.transform(hidden)))
+
+
+class TransformerMaskedLM(nn.Module):
+    """Embeddings + encoder + MLM head; the base of ``BertForMaskedLM`` and ``DistilBertForMaskedLM``.
+
+    Methods (use ``model.apply(variables, ..., method=...)``):
+      ``encode``     -> EncoderOutput, no vocabulary projection (what the losses start from);
+      ``mlm_logits`` hidden [..., D] -> logits [..., V] for any subset of rows;
+      ``__call__``   -> MaskedLMOutput (both).
+    """
+
+    cfg: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        self.embeddings = Embeddings(self.cfg, self.dtype, self.param_dtype)
+        self.encoder = Encoder(self.cfg, self.dtype, self.param_dtype, self.remat)
+        self.mlm_head = MLMHead(self.cfg, self.dtype, self.param_dtype)
+
+    def encode(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
+        """input_ids [B, T] int; attention_mask [B, T] (1 real, 0 pad); segment_ids [B, T] for
+        packed rows (0 pad), with position_ids restarting per segment."""
+        batch, length = input_ids.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        mask = attention_mask_from(attention_mask, segment_ids, (batch, length))
+        x = self.embeddings(input_ids, position_ids, token_type_ids, deterministic)
+        first = x
+        x, states, probs = self.encoder(x, mask, deterministic, output_attentions)
+        hidden_states = jnp.concatenate([first[None], states], axis=0)
+        return EncoderOutput(x, hidden_states, probs if output_attentions else None)
+
+    def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits [..., V] in the compute dtype."""
+        h = self.mlm_head(hidden)
+        return self.embeddings.word_embeddings.attend(h) + self.mlm_head.bias.astype(self.dtype)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 segment_ids=None, deterministic: bool = True, output_attentions: bool = False):
+        enc = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
+                          deterministic, output_attentions)
+        return MaskedLMOutput(self.mlm_logits(enc.last_hidden_state), enc.hidden_states, enc.attentions)
