@@ -40,12 +40,15 @@ def activation_fn(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
+# rules=(): the boxes carry names only and never constrain on unbox. DenseGeneral unboxes its FLAT
+# kernel/bias before reshaping it (flax#3676), which fails under a mesh (the train step's activation
+# rules); jaxdistil.distill.sharding maps the names to shardings itself.
 def _normal(std: float, names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names, rules=())
 
 
 def _zeros(names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names, rules=())
 
 
 def _layer_norm(cfg, dtype, param_dtype, name: str) -> nn.LayerNorm:
@@ -205,12 +208,17 @@ class Encoder(nn.Module):
 
     Scanning compiles one layer instead of L, which keeps compile times flat in depth. ``remat``
     recomputes each layer's activations in the backward pass (memory for compute).
+    ``unroll`` (default) unrolls the scan into straight-line code, with the same stacked params:
+    no while loop, so XLA schedules across layers and drops the loop's per-layer weight slices,
+    stacked residual buffers and zero-filled gradient accumulators; the step measured faster on
+    CPU (benchmarks/PERFORMANCE.md) for a longer compile. ``unroll=False`` keeps the rolled loop.
     """
 
     cfg: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    unroll: bool = True
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True, output_attentions: bool = False):
@@ -224,6 +232,7 @@ class Encoder(nn.Module):
             in_axes=(nn.broadcast,),
             length=self.cfg.layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
+            unroll=self.cfg.layers if self.unroll else 1,
         )
         x, (states, probs) = stack(
             self.cfg, self.dtype, self.param_dtype, deterministic, output_attentions, name="layers"

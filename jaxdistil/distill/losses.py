@@ -1,0 +1,495 @@
+"""The distillation triple loss (L_ce + L_mlm + L_cos, optional L_mse) with the reference's semantics.
+
+Reference (Hugging Face ``distillation/distiller.py``), for one batch:
+
+  L_ce  = T^2 * mean over CE rows of KL(softmax(t/T) || softmax(s/T))   (kl_div "batchmean")
+          CE rows = attention-mask positions, or only the masked positions with restrict_ce_to_mask;
+  L_mlm = mean over masked positions (labels != -100) of cross_entropy(s, label);
+  L_cos = mean over attention-mask positions of 1 - cos(student last hidden, teacher last hidden);
+  L_mse = sum over CE rows and vocab of (s - t)^2 / number of CE rows     (only if alpha_mse > 0);
+  total = alpha_ce L_ce + alpha_mlm L_mlm + alpha_cos L_cos + alpha_mse L_mse.
+
+s, t are the student/teacher logits [rows, V]. Every softmax / log-softmax / KL / cross-entropy
+runs in float32, whatever dtype the heads compute in.
+
+Interface (see notes/contract.md): ``loss_sums`` returns float32 scalar SUMS and row COUNTS, so
+micro-batches and devices aggregate exactly; ``combine_losses`` divides once at the end.
+``loss_counts`` gives the counts alone (they only depend on labels and attention mask).
+
+Memory. The logits are the largest tensors of the step ([B*T, V] with V = 30522, per model), so
+``loss_sums`` starts from hidden states and calls the heads itself, on as few rows at a time as
+possible:
+  * rows selection first: when only masked rows matter (restrict_ce_to_mask, or MLM-only mode) and
+    the caller gives ``max_rows`` (a static upper bound on the number of masked positions), the
+    masked rows of the hidden states are gathered into [max_rows, D] BEFORE the heads, so the
+    logits are [max_rows, V]; unused slots get weight 0. If a batch ever has more masked rows than
+    ``max_rows`` a ``lax.cond`` falls back to the all-rows path, so the numbers are always exact;
+  * chunking: otherwise the rows are processed ``cfg.chunk_rows`` at a time in a ``lax.scan``,
+    each chunk under ``jax.checkpoint``; the backward pass recomputes a chunk's logits instead of
+    keeping [B*T, V] residuals alive between the forward and backward passes. The cost is one more
+    forward of both heads, on each chunk, in the backward pass (none when all rows fit one chunk);
+  * on a block of logits, a custom VJP keeps only the logits as residuals and forms the gradient
+    with respect to the student logits in one fused expression (see ``_logit_sums``).
+The plain functions (``ce_loss``, ``mlm_loss``, ``cos_loss``, ``mse_loss``, ``plain_loss_sums``)
+take full logits and read as the specification; the tests check the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdistil.errors import UserError
+
+Head = Callable[[jax.Array], jax.Array]  # hidden [N, D] -> logits [N, V]
+
+IGNORE_INDEX = -100
+# torch.nn.functional.cosine_embedding_loss adds this to each squared norm (ATen's EPSILON).
+COS_EPS = 1e-12
+
+SUM_KEYS = ("ce_sum", "mlm_sum", "cos_sum", "mse_sum", "mlm_correct")
+COUNT_KEYS = ("ce_rows", "mlm_rows", "cos_rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights and knobs of the distillation loss (defaults: DistilBERT's recipe).
+
+    temperature:         T of the soft targets; L_ce is scaled by T^2 as in the reference.
+    alpha_ce/mlm/cos/mse: weights of the four terms in the total; alpha_mse = 0 skips L_mse.
+    restrict_ce_to_mask: L_ce (and L_mse) only over the masked positions instead of all tokens.
+    chunk_rows:          token rows whose logits are materialised at once (None = all rows at once,
+                         no recomputation). Larger is faster (bigger matmuls, no recompute when
+                         all rows fit), smaller uses less memory: a chunk holds a few
+                         [chunk_rows, V] float32 buffers (2048 x 30522 x 4 B = 250 MB each).
+    """
+
+    temperature: float = 2.0
+    alpha_ce: float = 5.0
+    alpha_mlm: float = 2.0
+    alpha_cos: float = 1.0
+    alpha_mse: float = 0.0
+    restrict_ce_to_mask: bool = False
+    chunk_rows: int | None = 2048
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise UserError(f"loss.temperature must be > 0, got {self.temperature}; set e.g. temperature=2.0")
+        for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise UserError(f"loss.{name} must be >= 0, got {value}; use 0 to switch the term off")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise UserError(
+                f"loss.chunk_rows must be a positive number of rows or null, got {self.chunk_rows}")
+
+
+def max_masked_rows(batch: int, length: int, mlm_mask_prop: float, masked_batch: int | None = None) -> int:
+    """Static bound on the masked positions of a [batch, length] (micro-)batch, for ``max_rows``.
+
+    Masking picks ceil(mlm_mask_prop * real tokens) <= ceil(mlm_mask_prop * batch * length)
+    positions of the batch it is given (+1 absorbs float rounding differences with the masking
+    code). With gradient accumulation the masking runs on the whole batch of ``masked_batch``
+    sequences and this [batch, length] slice gets a random share of the draws, which can exceed its
+    proportional part: then pass ``masked_batch`` and the bound gets a margin of 4 standard
+    deviations (about 4 sqrt(mean)), so that the rare overflow (which ``loss_sums`` still computes
+    exactly, through its all-rows path) stays rare.
+    """
+    rows = batch * length
+    mean = mlm_mask_prop * rows
+    bound = math.ceil(mean) + 1
+    if masked_batch is not None and masked_batch > batch:
+        bound = math.ceil(mean + 4.0 * math.sqrt(mean)) + 2
+    return min(rows, bound)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-row primitives (float32). Shapes: s, t [..., V]; results [...].
+# --------------------------------------------------------------------------------------------------
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    """At least float32: bf16/fp16 logits are upcast, float64 (gradient checks) is kept."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def kl_per_row(s_logits: jax.Array, t_logits: jax.Array, temperature: float) -> jax.Array:
+    """KL(softmax(t/T) || softmax(s/T)) summed over the vocab: [..., V] x2 -> [...] float32.
+
+    Same as torch ``kl_div(log_softmax(s/T), softmax(t/T), reduction="none").sum(-1)`` (x log x
+    = 0 at x = 0).
+    """
+    log_q = jax.nn.log_softmax(_f32(s_logits) / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(_f32(t_logits) / temperature, axis=-1)
+    p = jnp.exp(log_p)
+    return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def xent_per_row(s_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy and correctness per row: logits [..., V], labels [...] (-100 = ignored).
+
+    Returns (loss [...] float32, 0 where ignored; correct [...] float32, argmax == label).
+    """
+    logits = _f32(s_logits)
+    valid = labels != IGNORE_INDEX
+    safe = jnp.where(valid, labels, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    loss = jnp.where(valid, lse - picked, 0.0)
+    correct = valid & (jnp.argmax(logits, axis=-1) == safe)
+    return loss, correct.astype(jnp.float32)
+
+
+def sq_err_per_row(s_logits: jax.Array, t_logits: jax.Array) -> jax.Array:
+    """Sum over the vocab of (s - t)^2: [..., V] x2 -> [...] float32."""
+    d = _f32(s_logits) - _f32(t_logits)
+    return jnp.sum(d * d, axis=-1)
+
+
+def one_minus_cos_per_row(s_hidden: jax.Array, t_hidden: jax.Array) -> jax.Array:
+    """1 - cos(s, t) per row as torch's cosine_embedding_loss (target 1): [..., D] x2 -> [...]."""
+    s = _f32(s_hidden)
+    t = _f32(t_hidden)
+    dot = jnp.sum(s * t, axis=-1)
+    denom = jnp.sqrt((jnp.sum(s * s, axis=-1) + COS_EPS) * (jnp.sum(t * t, axis=-1) + COS_EPS))
+    return 1.0 - dot / denom
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain losses on full logits: the specification (and what the tests compare against).
+# --------------------------------------------------------------------------------------------------
+
+
+def _mean_over(values: jax.Array, rows: jax.Array) -> jax.Array:
+    w = rows.astype(jnp.float32)
+    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def ce_loss(s_logits: jax.Array, t_logits: jax.Array, rows: jax.Array, temperature: float) -> jax.Array:
+    """L_ce: logits [B, T, V] x2, rows [B, T] (selected positions) -> T^2 * mean KL, scalar."""
+    return _mean_over(kl_per_row(s_logits, t_logits, temperature), rows) * temperature**2
+
+
+def mlm_loss(s_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """L_mlm: logits [B, T, V], labels [B, T] (-100 = ignored) -> mean cross-entropy, scalar."""
+    loss, _ = xent_per_row(s_logits, labels)
+    return _mean_over(loss, labels != IGNORE_INDEX)
+
+
+def cos_loss(s_hidden: jax.Array, t_hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """L_cos: hidden [B, T, D] x2, attention_mask [B, T] -> mean of 1 - cos over real tokens."""
+    return _mean_over(one_minus_cos_per_row(s_hidden, t_hidden), attention_mask)
+
+
+def mse_loss(s_logits: jax.Array, t_logits: jax.Array, rows: jax.Array) -> jax.Array:
+    """L_mse: logits [B, T, V] x2, rows [B, T] -> sum of squared differences / number of rows."""
+    return _mean_over(sq_err_per_row(s_logits, t_logits), rows)
+
+
+def _ce_row_mask(labels: jax.Array, attention_mask: jax.Array, cfg: LossConfig) -> jax.Array:
+    """Boolean [B, T]: the rows L_ce and L_mse average over."""
+    if cfg.restrict_ce_to_mask:
+        return labels != IGNORE_INDEX
+    return attention_mask.astype(bool)
+
+
+def loss_counts(labels: jax.Array, attention_mask: jax.Array, cfg: LossConfig) -> dict[str, jax.Array]:
+    """Row counts (float32 scalars) of a batch: labels [B, T] (-100 = not masked), attention_mask [B, T].
+
+    "ce_rows": rows of L_ce / L_mse; "mlm_rows": masked positions; "cos_rows": real tokens.
+    They need no forward pass, so a step can compute loss weights before it.
+    """
+    return {
+        "ce_rows": jnp.sum(_ce_row_mask(labels, attention_mask, cfg), dtype=jnp.float32),
+        "mlm_rows": jnp.sum(labels != IGNORE_INDEX, dtype=jnp.float32),
+        "cos_rows": jnp.sum(attention_mask.astype(bool), dtype=jnp.float32),
+    }
+
+
+def plain_loss_sums(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array | None,
+    student_head: Head,
+    teacher_head: Head | None,
+    labels: jax.Array,
+    attention_mask: jax.Array,
+    cfg: LossConfig,
+) -> dict[str, jax.Array]:
+    """``loss_sums`` computed the obvious way: both heads on all B*T rows at once ([B, T, V] logits).
+
+    Reference for the tests and readable as the specification; do not use at scale.
+    """
+    b, t, d = student_hidden.shape
+    s_logits = student_head(student_hidden.reshape(b * t, d)).reshape(b, t, -1)
+    mlm, correct = xent_per_row(s_logits, labels)
+    out = loss_counts(labels, attention_mask, cfg)
+    zero = jnp.zeros((), jnp.float32)
+    out.update(mlm_sum=jnp.sum(mlm), mlm_correct=jnp.sum(correct), ce_sum=zero, cos_sum=zero, mse_sum=zero)
+    if teacher_hidden is None:
+        return out
+    teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+    t_logits = jax.lax.stop_gradient(teacher_head(teacher_hidden.reshape(b * t, d)).reshape(b, t, -1))
+    rows = _ce_row_mask(labels, attention_mask, cfg).astype(jnp.float32)
+    out["ce_sum"] = jnp.sum(kl_per_row(s_logits, t_logits, cfg.temperature) * rows) * cfg.temperature**2
+    if cfg.alpha_mse > 0:
+        out["mse_sum"] = jnp.sum(sq_err_per_row(s_logits, t_logits) * rows)
+    out["cos_sum"] = jnp.sum(
+        one_minus_cos_per_row(student_hidden, teacher_hidden) * attention_mask.astype(jnp.float32))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory-efficient sums: gathered rows and/or chunks with recomputation.
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _logit_sums(s_logits, t_logits, labels, ce_w, temperature: float, with_mse: bool):
+    """Sums over a block of logits: s [n, V], t [n, V] or None, labels [n], ce_w [n] -> 4 scalars.
+
+    Returns (sum_w KL (no T^2), sum CE over labelled rows, sum_w squared error, correct count).
+    Same numbers as the per-row primitives, with a hand-written backward pass: the residuals are
+    the logits themselves (in their compute dtype), and the gradient with respect to the student
+    logits is one fused expression,
+      g_ce * w * (softmax(s/T) - softmax(t/T)) / T + g_mlm * m * (softmax(s) - onehot) + g_mse * w * 2 (s - t),
+    instead of autodiff's chain of [n, V] float32 intermediates. The teacher gets no gradient.
+    """
+    return _logit_sums_fwd(s_logits, t_logits, labels, ce_w, temperature, with_mse)[0]
+
+
+def _logit_sums_fwd(s_logits, t_logits, labels, ce_w, temperature, with_mse):
+    s = _f32(s_logits)
+    valid = labels != IGNORE_INDEX
+    safe = jnp.where(valid, labels, 0)
+    # One row max serves both student log-softmaxes: max(s/T) = max(s)/T for T > 0.
+    shifted = s - jnp.max(s, axis=-1, keepdims=True)
+    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    picked = jnp.take_along_axis(shifted, safe[:, None], axis=-1)[:, 0]
+    mlm = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+    correct = jnp.sum(valid & (jnp.argmax(s, axis=-1) == safe), dtype=s.dtype)
+    ce = mse = jnp.zeros((), s.dtype)
+    if t_logits is not None:
+        log_q = jax.nn.log_softmax(shifted / temperature, axis=-1)
+        log_p = jax.nn.log_softmax(_f32(t_logits) / temperature, axis=-1)
+        p = jnp.exp(log_p)
+        kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+        ce = jnp.sum(kl * ce_w)
+        if with_mse:
+            mse = jnp.sum(sq_err_per_row(s, t_logits) * ce_w)
+    return (ce, mlm, mse, correct), (s_logits, t_logits, labels, ce_w)
+
+
+def _logit_sums_bwd(temperature, with_mse, res, g):
+    s_logits, t_logits, labels, ce_w = res
+    g_ce, g_mlm, g_mse, _ = g
+    s = _f32(s_logits)
+    valid = labels != IGNORE_INDEX
+    vocab_ids = jnp.arange(s.shape[-1])
+    onehot = (vocab_ids[None, :] == labels[:, None]).astype(s.dtype)  # all-zero rows when label = -100
+    ds = (g_mlm * valid.astype(s.dtype))[:, None] * (jax.nn.softmax(s, axis=-1) - onehot)
+    if t_logits is not None:
+        t = _f32(t_logits)
+        w = ce_w.astype(s.dtype)[:, None]
+        q = jax.nn.softmax(s / temperature, axis=-1)
+        p = jax.nn.softmax(t / temperature, axis=-1)
+        ds = ds + (g_ce / temperature) * w * (q - p)
+        if with_mse:
+            ds = ds + (2.0 * g_mse) * w * (s - t)
+    # None = zero cotangent: the teacher, the labels and the row weights get no gradient.
+    return ds.astype(s_logits.dtype), None, None, None
+
+
+_logit_sums.defvjp(_logit_sums_fwd, _logit_sums_bwd)
+
+
+def _block_sums(s_h, t_h, labels, ce_w, student_head, teacher_head, temperature, with_mse):
+    """Sums over one block of rows: s_h, t_h [n, D], labels [n], ce_w [n] float32 -> 4 scalars.
+
+    Returns (ce_sum without T^2, mlm_sum, mse_sum, mlm_correct).
+    """
+    s_logits = student_head(s_h)
+    t_logits = None if t_h is None else jax.lax.stop_gradient(teacher_head(t_h))
+    return _logit_sums(s_logits, t_logits, labels, ce_w, temperature, with_mse and t_h is not None)
+
+
+def _chunking(n: int, chunk_rows: int) -> tuple[int, int]:
+    """(number of chunks, rows per chunk) covering n rows with chunks of at most chunk_rows.
+
+    Prefers a divisor of n (B*T usually has many) so no padding rows are needed; pads otherwise.
+    """
+    n_chunks = -(-n // chunk_rows)
+    for c in range(n_chunks, 2 * n_chunks + 1):
+        if n % c == 0:
+            return c, n // c
+    return n_chunks, -(-n // n_chunks)
+
+
+def _row_sums(s_h, t_h, labels, ce_w, student_head, teacher_head, temperature, with_mse, chunk_rows):
+    """``_block_sums`` over N rows, ``chunk_rows`` at a time (scan + checkpoint) when N is larger."""
+    n = s_h.shape[0]
+    if chunk_rows is None or n <= chunk_rows:
+        return _block_sums(s_h, t_h, labels, ce_w, student_head, teacher_head, temperature, with_mse)
+    n_chunks, rows = _chunking(n, chunk_rows)
+    pad = n_chunks * rows - n
+
+    def split(x, fill):
+        # Padding rows carry label -100 and weight 0, so they add exactly 0 to every sum.
+        if pad:
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        # Chunk c holds rows c, c + n_chunks, c + 2 n_chunks, ...: interleaved rather than
+        # contiguous, so that when the rows are sharded over devices (batch axis) every chunk is
+        # spread over all devices and the scan keeps them all busy.
+        x = x.reshape((rows, n_chunks) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    xs = (split(s_h, 0), None if t_h is None else split(t_h, 0), split(labels, IGNORE_INDEX),
+          split(ce_w, 0))
+
+    # prevent_cse=False: inside scan the recomputation cannot be CSE'd away, and the flag would
+    # only block useful optimisations (see jax.checkpoint docs).
+    def chunk_sums(s, t, lab, w):
+        return _block_sums(s, t, lab, w, student_head, teacher_head, temperature, with_mse)
+
+    chunk = jax.checkpoint(chunk_sums, prevent_cse=False)
+
+    def body(carry, x):
+        sums = chunk(*x)
+        return tuple(c + s for c, s in zip(carry, sums)), None
+
+    # float32 sums, or float64 ones when everything is float64 (gradient checks under x64).
+    first = jax.tree.map(lambda x: x[0], xs)
+    init = tuple(jnp.zeros((), o.dtype) for o in jax.eval_shape(chunk, *first))
+    sums, _ = jax.lax.scan(body, init, xs)
+    return sums
+
+
+def _rows_constraint(x: jax.Array) -> jax.Array:
+    """Shard gathered rows [K, D] like the batch (logical "activation_batch").
+
+    Without it XLA replicates the gathered rows, so every data-parallel device would run the heads
+    on all K rows. A no-op outside ``nn.logical_axis_rules`` (single device, tests).
+    """
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_embed"))
+
+
+def loss_sums(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array | None,
+    student_head: Head,
+    teacher_head: Head | None,
+    labels: jax.Array,
+    attention_mask: jax.Array,
+    cfg: LossConfig,
+    max_rows: int | None = None,
+) -> dict[str, jax.Array]:
+    """Loss sums and row counts of one (micro-)batch, without materialising all logits at once.
+
+    Args:
+      student_hidden: [B, T, D] last hidden states of the student (any float dtype).
+      teacher_hidden: [B, T, D] of the teacher, or None for MLM-only training. Treated as a
+        constant (stop_gradient), as is everything computed from it.
+      student_head / teacher_head: hidden [N, D] -> logits [N, V], e.g.
+        ``lambda h: model.apply(v, h, method="mlm_logits")``; called on subsets of rows.
+      labels: [B, T] int, original token id at masked positions, -100 elsewhere.
+      attention_mask: [B, T], 1 for real tokens, 0 for padding.
+      cfg: LossConfig.
+      max_rows: static upper bound on the number of masked positions (see ``max_masked_rows``).
+        When given and only masked rows need logits (restrict_ce_to_mask, or no teacher), those
+        rows are gathered before the heads: logits are [max_rows, V] instead of [B*T, V]. Batches
+        with more masked positions than this stay exact (a ``lax.cond`` takes the all-rows path).
+
+    Returns:
+      dict of float32 scalars: sums "ce_sum" (T^2 * sum of KL), "mlm_sum", "cos_sum", "mse_sum"
+      (0 unless alpha_mse > 0), "mlm_correct", and the counts of ``loss_counts``. Without a
+      teacher, ce/cos/mse sums are 0.
+    """
+    if student_hidden.ndim != 3:
+        raise UserError(f"loss_sums expects student hidden states [B, T, D], got shape {student_hidden.shape}")
+    if teacher_hidden is not None and teacher_hidden.shape != student_hidden.shape:
+        raise UserError(
+            f"teacher hidden states {teacher_hidden.shape} differ from the student's {student_hidden.shape}; "
+            "L_cos needs the same hidden size (use a student with the teacher's dim)")
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise UserError("pass both teacher_hidden and teacher_head, or neither (MLM-only mode)")
+    b, t, d = student_hidden.shape
+    n = b * t
+    labels, attention_mask = jnp.asarray(labels), jnp.asarray(attention_mask)
+    out = loss_counts(labels, attention_mask, cfg)
+    temp = float(cfg.temperature)
+    with_mse = teacher_hidden is not None and cfg.alpha_mse > 0
+
+    s_flat = student_hidden.reshape(n, d)
+    t_flat = None if teacher_hidden is None else jax.lax.stop_gradient(teacher_hidden).reshape(n, d)
+    lab_flat = labels.reshape(n).astype(jnp.int32)
+    masked = lab_flat != IGNORE_INDEX
+    ce_w = _ce_row_mask(labels, attention_mask, cfg).reshape(n).astype(jnp.float32)
+    if t_flat is None:
+        ce_w = jnp.zeros_like(ce_w)
+
+    def all_rows(s_flat, t_flat, chunk_rows=cfg.chunk_rows):
+        return _row_sums(s_flat, t_flat, lab_flat, ce_w, student_head, teacher_head, temp, with_mse,
+                         chunk_rows)
+
+    only_masked = teacher_hidden is None or cfg.restrict_ce_to_mask
+    if only_masked and max_rows is not None and max_rows < n:
+        k = int(max_rows)
+
+        def gathered(s_flat, t_flat):
+            idx = jnp.nonzero(masked, size=k, fill_value=0)[0]  # [K] row indices, in order
+            valid = jnp.arange(k) < out["mlm_rows"]  # unused slots: label -100, weight 0
+            lab_k = jnp.where(valid, lab_flat[idx], IGNORE_INDEX)
+            w_k = jnp.where(valid, ce_w[idx], 0.0)
+            s_k = _rows_constraint(s_flat[idx])
+            t_k = None if t_flat is None else _rows_constraint(t_flat[idx])
+            return _row_sums(s_k, t_k, lab_k, w_k, student_head, teacher_head, temp, with_mse,
+                             cfg.chunk_rows)
+
+        def fallback(s_flat, t_flat):
+            # Rare (more masked rows than max_rows): all rows, in chunks no larger than the
+            # gathered block, so this branch never raises the step's peak memory.
+            return all_rows(s_flat, t_flat, min(cfg.chunk_rows or k, k))
+
+        ce, mlm, mse, correct = jax.lax.cond(out["mlm_rows"] <= k, gathered, fallback, s_flat, t_flat)
+    else:
+        ce, mlm, mse, correct = all_rows(s_flat, t_flat)
+
+    zero = jnp.zeros((), jnp.float32)
+    out.update(ce_sum=ce * temp**2, mlm_sum=mlm, mse_sum=mse, mlm_correct=correct, cos_sum=zero)
+    if teacher_hidden is not None:
+        cos = one_minus_cos_per_row(student_hidden, jax.lax.stop_gradient(teacher_hidden))
+        out["cos_sum"] = jnp.sum(cos * attention_mask.astype(jnp.float32))
+    return out
+
+
+def combine_losses(
+    sums: dict[str, jax.Array], counts: dict[str, jax.Array], cfg: LossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Means and the weighted total from (aggregated) sums and counts.
+
+    Returns (total, metrics) with metrics "loss" (= total), "loss_ce", "loss_mlm", "loss_cos",
+    "loss_mse", "mlm_accuracy". An empty count gives a 0 mean rather than NaN.
+    """
+
+    def mean(key: str, count_key: str) -> jax.Array:
+        return sums[key] / jnp.maximum(counts[count_key], 1.0)
+
+    l_ce, l_mlm = mean("ce_sum", "ce_rows"), mean("mlm_sum", "mlm_rows")
+    l_cos, l_mse = mean("cos_sum", "cos_rows"), mean("mse_sum", "ce_rows")
+    total = cfg.alpha_ce * l_ce + cfg.alpha_mlm * l_mlm + cfg.alpha_cos * l_cos
+    if cfg.alpha_mse > 0:
+        total = total + cfg.alpha_mse * l_mse
+    metrics = {
+        "loss": total,
+        "loss_ce": l_ce,
+        "loss_mlm": l_mlm,
+        "loss_cos": l_cos,
+        "loss_mse": l_mse,
+        "mlm_accuracy": mean("mlm_correct", "mlm_rows"),
+    }
+    return total, metrics

@@ -1,0 +1,391 @@
+"""One table between Hugging Face (PyTorch) tensor names and the jaxdistil Flax parameter tree.
+
+Both directions read the same table, so import and export cannot drift apart. Each row says:
+the Flax path, the Hugging Face name (without the ``bert.`` / ``distilbert.`` base-model prefix;
+``{i}`` is the layer index), how the tensor is reshaped, and its Hugging Face shape in symbols.
+
+Reshapes (PyTorch ``nn.Linear`` stores ``weight`` as [out, in]; a Flax kernel is [in, out]):
+  COPY       embeddings, LayerNorm weight/bias, plain biases: same array.
+  LINEAR     [out, in] -> kernel [in, out].
+  HEADS_IN   q/k/v weight [N*H, D] -> kernel [D, N, H] (Flax DenseGeneral with per-head output).
+  HEADS_BIAS q/k/v bias [N*H] -> [N, H].
+  HEADS_OUT  out_lin weight [D, N*H] -> kernel [N, H, D].
+Per-layer rows are stacked on a leading ``layers`` axis (the encoder runs under ``nn.scan``).
+
+Symbols: V vocab, P positions, T token types, D hidden, F feed-forward width, L layers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxdistil.errors import UserError
+from jaxdistil.models.configs import BertConfig, ModelConfig
+
+COPY, LINEAR, HEADS_IN, HEADS_BIAS, HEADS_OUT = "copy", "linear", "heads_in", "heads_bias", "heads_out"
+
+# (flax path, HF name, reshape, HF shape) -- model-level tensors (the encoder's, under the base prefix).
+_BERT_EMBEDDINGS = [
+    ("embeddings/word_embeddings/embedding", "embeddings.word_embeddings.weight", COPY, "VD"),
+    ("embeddings/position_embeddings/embedding", "embeddings.position_embeddings.weight", COPY, "PD"),
+    ("embeddings/token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", COPY, "TD"),
+    ("embeddings/LayerNorm/scale", "embeddings.LayerNorm.weight", COPY, "D"),
+    ("embeddings/LayerNorm/bias", "embeddings.LayerNorm.bias", COPY, "D"),
+]
+_DISTILBERT_EMBEDDINGS = [row for row in _BERT_EMBEDDINGS if "token_type" not in row[0]]
+
+# Per-layer rows: flax path under encoder/layers, HF suffix after "<encoder>.layer.{i}.".
+_BERT_LAYER = [
+    ("q_lin/kernel", "attention.self.query.weight", HEADS_IN, "DD"),
+    ("q_lin/bias", "attention.self.query.bias", HEADS_BIAS, "D"),
+    ("k_lin/kernel", "attention.self.key.weight", HEADS_IN, "DD"),
+    ("k_lin/bias", "attention.self.key.bias", HEADS_BIAS, "D"),
+    ("v_lin/kernel", "attention.self.value.weight", HEADS_IN, "DD"),
+    ("v_lin/bias", "attention.self.value.bias", HEADS_BIAS, "D"),
+    ("out_lin/kernel", "attention.output.dense.weight", HEADS_OUT, "DD"),
+    ("out_lin/bias", "attention.output.dense.bias", COPY, "D"),
+    ("sa_layer_norm/scale", "attention.output.LayerNorm.weight", COPY, "D"),
+    ("sa_layer_norm/bias", "attention.output.LayerNorm.bias", COPY, "D"),
+    ("lin1/kernel", "intermediate.dense.weight", LINEAR, "FD"),
+    ("lin1/bias", "intermediate.dense.bias", COPY, "F"),
+    ("lin2/kernel", "output.dense.weight", LINEAR, "DF"),
+    ("lin2/bias", "output.dense.bias", COPY, "D"),
+    ("output_layer_norm/scale", "output.LayerNorm.weight", COPY, "D"),
+    ("output_layer_norm/bias", "output.LayerNorm.bias", COPY, "D"),
+]
+_DISTILBERT_LAYER = [
+    ("q_lin/kernel", "attention.q_lin.weight", HEADS_IN, "DD"),
+    ("q_lin/bias", "attention.q_lin.bias", HEADS_BIAS, "D"),
+    ("k_lin/kernel", "attention.k_lin.weight", HEADS_IN, "DD"),
+    ("k_lin/bias", "attention.k_lin.bias", HEADS_BIAS, "D"),
+    ("v_lin/kernel", "attention.v_lin.weight", HEADS_IN, "DD"),
+    ("v_lin/bias", "attention.v_lin.bias", HEADS_BIAS, "D"),
+    ("out_lin/kernel", "attention.out_lin.weight", HEADS_OUT, "DD"),
+    ("out_lin/bias", "attention.out_lin.bias", COPY, "D"),
+    ("sa_layer_norm/scale", "sa_layer_norm.weight", COPY, "D"),
+    ("sa_layer_norm/bias", "sa_layer_norm.bias", COPY, "D"),
+    ("lin1/kernel", "ffn.lin1.weight", LINEAR, "FD"),
+    ("lin1/bias", "ffn.lin1.bias", COPY, "F"),
+    ("lin2/kernel", "ffn.lin2.weight", LINEAR, "DF"),
+    ("lin2/bias", "ffn.lin2.bias", COPY, "D"),
+    ("output_layer_norm/scale", "output_layer_norm.weight", COPY, "D"),
+    ("output_layer_norm/bias", "output_layer_norm.bias", COPY, "D"),
+]
+
+# MLM head rows: HF names are top-level (outside the base-model prefix).
+_BERT_HEAD = [
+    ("mlm_head/transform/kernel", "cls.predictions.transform.dense.weight", LINEAR, "DD"),
+    ("mlm_head/transform/bias", "cls.predictions.transform.dense.bias", COPY, "D"),
+    ("mlm_head/transform_norm/scale", "cls.predictions.transform.LayerNorm.weight", COPY, "D"),
+    ("mlm_head/transform_norm/bias", "cls.predictions.transform.LayerNorm.bias", COPY, "D"),
+    ("mlm_head/bias", "cls.predictions.bias", COPY, "V"),
+]
+_DISTILBERT_HEAD = [
+    ("mlm_head/transform/kernel", "vocab_transform.weight", LINEAR, "DD"),
+    ("mlm_head/transform/bias", "vocab_transform.bias", COPY, "D"),
+    ("mlm_head/transform_norm/scale", "vocab_layer_norm.weight", COPY, "D"),
+    ("mlm_head/transform_norm/bias", "vocab_layer_norm.bias", COPY, "D"),
+    ("mlm_head/bias", "vocab_projector.bias", COPY, "V"),
+]
+
+
+class _Family:
+    """Names of one model family: base prefix, encoder layer stem, tied and ignorable tensors."""
+
+    def __init__(self, prefix, layer_stem, embeddings, layer, head, tied, tied_bias, ignorable):
+        self.prefix = prefix  # "bert." / "distilbert."
+        self.layer_stem = layer_stem  # "encoder.layer" / "transformer.layer"
+        self.embeddings, self.layer, self.head = embeddings, layer, head
+        self.tied = tied  # decoder weight = word embeddings, left out of exports
+        self.tied_bias = tied_bias  # BERT's decoder.bias is cls.predictions.bias
+        self.ignorable = ignorable  # regexes of tensors the MLM model does not use
+
+
+_FAMILIES = {
+    "bert": _Family(
+        "bert.", "encoder.layer", _BERT_EMBEDDINGS, _BERT_LAYER, _BERT_HEAD,
+        tied="cls.predictions.decoder.weight", tied_bias="cls.predictions.decoder.bias",
+        ignorable=[
+            r"embeddings\.position_ids",  # non-persistent buffers that old checkpoints saved
+            r"embeddings\.token_type_ids",
+            r"pooler\.dense\.(weight|bias)",  # BertModel's pooler: not part of the MLM model
+            r"cls\.seq_relationship\.(weight|bias)",  # BertForPreTraining's next-sentence head
+        ],
+    ),
+    "distilbert": _Family(
+        "distilbert.", "transformer.layer", _DISTILBERT_EMBEDDINGS, _DISTILBERT_LAYER, _DISTILBERT_HEAD,
+        tied="vocab_projector.weight", tied_bias=None,
+        ignorable=[r"embeddings\.position_ids"],
+    ),
+}
+
+
+def family(cfg: ModelConfig) -> _Family:
+    return _FAMILIES["bert" if isinstance(cfg, BertConfig) else "distilbert"]
+
+
+def _dims(cfg: ModelConfig) -> dict[str, int]:
+    return {
+        "V": cfg.vocab_size, "P": cfg.max_position_embeddings, "T": cfg.token_types,
+        "D": cfg.hidden, "F": cfg.mlp,
+    }
+
+
+def _table(cfg: ModelConfig, with_head: bool) -> list[tuple[str, str, str, tuple[int, ...], int | None]]:
+    """Rows (flax path, HF name without prefix, reshape, HF shape, layer index or None)."""
+    fam, dims = family(cfg), _dims(cfg)
+    rows = [(path, name, kind, tuple(dims[s] for s in shape), None)
+            for path, name, kind, shape in fam.embeddings]
+    for i in range(cfg.layers):
+        for path, suffix, kind, shape in fam.layer:
+            rows.append((f"encoder/layers/{path}", f"{fam.layer_stem}.{i}.{suffix}", kind,
+                         tuple(dims[s] for s in shape), i))
+    if with_head:
+        rows += [(path, name, kind, tuple(dims[s] for s in shape), None)
+                 for path, name, kind, shape in fam.head]
+    return rows
+
+
+def head_names(cfg: ModelConfig) -> list[str]:
+    """HF names of the MLM head tensors (top-level, no prefix)."""
+    return [name for _, name, _, _ in family(cfg).head]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reshapes.  N heads, H = D // N per-head width.
+
+
+def _to_flax(x: np.ndarray, kind: str, heads: int) -> np.ndarray:
+    if kind == COPY:
+        return x
+    if kind == LINEAR:
+        return x.T
+    if kind == HEADS_IN:  # [N*H, D] -> [D, N, H]
+        return x.T.reshape(x.shape[1], heads, -1)
+    if kind == HEADS_BIAS:  # [N*H] -> [N, H]
+        return x.reshape(heads, -1)
+    if kind == HEADS_OUT:  # [D, N*H] -> [N*H, D] -> [N, H, D]
+        return x.T.reshape(heads, -1, x.shape[0])
+    raise AssertionError(kind)
+
+
+def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == COPY:
+        return x
+    if kind == LINEAR:
+        return x.T
+    if kind == HEADS_IN:  # [D, N, H] -> [N*H, D]
+        return x.reshape(x.shape[0], -1).T
+    if kind == HEADS_BIAS:  # [N, H] -> [N*H]
+        return x.reshape(-1)
+    if kind == HEADS_OUT:  # [N, H, D] -> [D, N*H]
+        return x.reshape(-1, x.shape[-1]).T
+    raise AssertionError(kind)
+
+
+def _get(tree: Mapping[str, Any], path: str):
+    node = tree
+    for part in path.split("/"):
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _leaf_paths(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out += _leaf_paths(value, path + "/")
+        else:
+            out.append(path)
+    return out
+
+
+def _listing(label: str, names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+    return f"{label} ({len(names)}): {shown}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face -> Flax
+
+
+def normalize_names(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Drops the base-model prefix (``bert.`` / ``distilbert.``) and renames legacy LayerNorm
+    ``gamma``/``beta`` to ``weight``/``bias``; checkpoints with and without the prefix then agree."""
+    fam = family(cfg)
+    out: dict[str, np.ndarray] = {}
+    duplicates = []
+    for name, value in state.items():
+        short = name.removeprefix(fam.prefix)
+        short = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", short)
+        short = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", short)
+        if short in out:
+            duplicates.append(name)
+        out[short] = value
+    if duplicates:
+        raise UserError(f"checkpoint holds the same tensor twice (with and without '{fam.prefix}'): "
+                        f"{', '.join(duplicates[:5])}; re-save it with transformers' save_pretrained")
+    return out
+
+
+def hf_to_flax(
+    state: Mapping[str, np.ndarray], cfg: ModelConfig, source: str = "checkpoint"
+) -> tuple[dict, bool, list[str]]:
+    """Hugging Face state dict -> (Flax params, has_mlm_head, ignored tensor names).
+
+    ``state`` maps HF names (with or without the base-model prefix) to arrays in PyTorch layout.
+    Accepts BertForMaskedLM / BertModel / BertForPreTraining and DistilBertForMaskedLM /
+    DistilBertModel tensors. A checkpoint without any MLM head tensor gives ``has_mlm_head=False``
+    and no ``mlm_head`` subtree (the caller decides what to put there). Missing or unexpected
+    tensors and shape mismatches raise ONE ``UserError`` listing all of them.
+    """
+    fam = family(cfg)
+    state = normalize_names(state, cfg)
+    heads = cfg.heads
+    present_head = [n for n in head_names(cfg) if n in state]
+    has_head = bool(present_head)
+    rows = _table(cfg, with_head=has_head)
+    known = {name for _, name, _, _, _ in rows}
+
+    missing = [name for name in known if name not in state]
+    mismatched = [
+        f"{name} {tuple(state[name].shape)} != {shape}"
+        for _, name, _, shape, _ in rows if name in state and tuple(state[name].shape) != shape
+    ]
+    ignored, unexpected = [], []
+    tied_names = {fam.tied, fam.tied_bias} - {None}
+    for name in state:
+        if name in known:
+            continue
+        if name in tied_names or any(re.fullmatch(p, name) for p in fam.ignorable):
+            ignored.append(name)
+        else:
+            unexpected.append(name)
+    problems = []
+    if missing:
+        problems.append(_listing("missing", sorted(missing)))
+    if unexpected:
+        problems.append(_listing("unexpected", sorted(unexpected)))
+    if mismatched:
+        problems.append(_listing("wrong shape", mismatched))
+    if problems:
+        kind = ("BertForMaskedLM/BertModel" if fam.prefix == "bert."
+                else "DistilBertForMaskedLM/DistilBertModel")
+        raise UserError(f"{source}: tensors do not match a {kind} with this config.json: "
+                        + "; ".join(problems) + "; check that config.json belongs to these weights")
+
+    # A decoder weight stored explicitly must be the word embeddings: the Flax head is always tied.
+    word = state["embeddings.word_embeddings.weight"]
+    if fam.tied in state and not np.array_equal(np.asarray(state[fam.tied]), np.asarray(word)):
+        raise UserError(f"{source}: {fam.tied} differs from the word embeddings (untied output layer), "
+                        "which jaxdistil does not support; use a checkpoint with tie_word_embeddings=true")
+    if fam.tied_bias and fam.tied_bias in state and has_head and not np.array_equal(
+            np.asarray(state[fam.tied_bias]), np.asarray(state["cls.predictions.bias"])):
+        raise UserError(f"{source}: {fam.tied_bias} differs from cls.predictions.bias; "
+                        "re-save the model with transformers so that the two are tied")
+
+    params: dict = {}
+    stacked: dict[str, list] = {}
+    for path, name, kind, _, layer in rows:
+        value = _to_flax(np.asarray(state[name]), kind, heads)
+        if layer is None:
+            _set(params, path, value)
+        else:
+            stacked.setdefault(path, []).append(value)
+    for path, values in stacked.items():
+        _set(params, path, np.stack(values, axis=0))
+    return params, has_head, sorted(ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax -> Hugging Face
+
+
+def _flax_shape(kind: str, hf_shape: tuple[int, ...], heads: int) -> tuple[int, ...]:
+    if kind in (COPY,):
+        return hf_shape
+    if kind == LINEAR:
+        return hf_shape[::-1]
+    if kind == HEADS_IN:  # [N*H, D] -> [D, N, H]
+        return (hf_shape[1], heads, hf_shape[0] // heads)
+    if kind == HEADS_BIAS:
+        return (heads, hf_shape[0] // heads)
+    if kind == HEADS_OUT:  # [D, N*H] -> [N, H, D]
+        return (heads, hf_shape[1] // heads, hf_shape[0])
+    raise AssertionError(kind)
+
+
+def flax_shapes(cfg: ModelConfig, with_head: bool = True) -> dict[str, tuple[int, ...]]:
+    """Flax path -> parameter shape for a config (layer rows carry the leading ``layers`` axis)."""
+    out = {}
+    for path, _, kind, hf_shape, layer in _table(cfg, with_head):
+        shape = _flax_shape(kind, hf_shape, cfg.heads)
+        out[path] = shape if layer is None else (cfg.layers, *shape)
+    return out
+
+
+def check_flax_params(params: Mapping[str, Any], cfg: ModelConfig, with_head: bool = True,
+                      source: str = "params") -> None:
+    """Raises one ``UserError`` listing missing, unexpected and wrongly shaped Flax parameters."""
+    wanted = flax_shapes(cfg, with_head)
+    have = {path: tuple(np.shape(_get(params, path))) for path in _leaf_paths(params)}
+    if not with_head:  # a head may be present; it is simply not written
+        have = {p: s for p, s in have.items() if not p.startswith("mlm_head/")}
+    problems = []
+    missing = sorted(set(wanted) - set(have))
+    unexpected = sorted(set(have) - set(wanted))
+    wrong = sorted(f"{p} {have[p]} != {wanted[p]}" for p in set(wanted) & set(have) if have[p] != wanted[p])
+    if missing:
+        problems.append(_listing("missing", missing))
+    if unexpected:
+        problems.append(_listing("unexpected", unexpected))
+    if wrong:
+        problems.append(_listing("wrong shape", wrong))
+    if problems:
+        raise UserError(f"{source}: parameters do not match the model config: " + "; ".join(problems)
+                        + "; use the params together with the config.json they were trained with")
+
+
+def flax_to_hf(params: Mapping[str, Any], cfg: ModelConfig, with_head: bool = True,
+               dtype: Any = None) -> dict[str, np.ndarray]:
+    """Flax params -> Hugging Face state dict with full ``*ForMaskedLM`` names (PyTorch layout).
+
+    The tied decoder weight is left out (transformers ties it on load), as ``save_pretrained``
+    does. ``with_head=False`` writes only the encoder, under bare ``BertModel``/``DistilBertModel``
+    names. ``dtype`` (numpy dtype, e.g. ``ml_dtypes.bfloat16``) casts every tensor; None keeps it.
+    Raises one ``UserError`` listing missing, unexpected or wrongly shaped parameters.
+    """
+    check_flax_params(params, cfg, with_head)
+    fam = family(cfg)
+    out: dict[str, np.ndarray] = {}
+    for path, name, kind, _, layer in _table(cfg, with_head):
+        value = np.asarray(_get(params, path))
+        tensor = _to_hf(value if layer is None else value[layer], kind)
+        if dtype is not None:
+            tensor = tensor.astype(dtype)
+        full = name if (path.startswith("mlm_head/") or not with_head) else fam.prefix + name
+        out[full] = np.ascontiguousarray(tensor)
+    return out
+
+
+def expected_hf_names(cfg: ModelConfig, with_head: bool = True) -> list[str]:
+    """Full HF names ``flax_to_hf`` writes for a config (sorted)."""
+    fam = family(cfg)
+    return sorted(name if (path.startswith("mlm_head/") or not with_head) else fam.prefix + name
+                  for path, name, *_ in _table(cfg, with_head))
+
+
+__all__ = ["check_flax_params", "expected_hf_names", "flax_shapes", "flax_to_hf", "head_names", "hf_to_flax",
+           "normalize_names"]

@@ -1,0 +1,310 @@
+"""Training runs (jaxdistil.train): exact resume after SIGKILL, restore onto another mesh, SIGTERM,
+run-dir checks, the files a run writes, and the command's one-line errors.
+
+One tiny distillation run (``ref_run``: 2-layer BERT teacher, 1-layer student from its layer 1, 8
+steps, 8 CPU devices) is the reference every other test compares with. All runs share JAX's
+persistent compilation cache (the subprocess too), so each distinct step compiles once; the
+exact-resume test thereby also shows that a cached executable keeps losses bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jaxdistil import cli
+from jaxdistil.config import config_from_dict, dump_run_config, load_run_config
+from jaxdistil.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module (and the subprocess it starts)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = tmp_path_factory.mktemp("xla-cache")
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                                  "jax_persistent_cache_min_compile_time_secs",
+                                                  "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    yield path
+    for key, value in saved.items():
+        jax.config.update(key, value)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A prepared data dir: 400 lines of synthetic text, a WordPiece vocab of ~230, max_len 32."""
+    from jaxdistil.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    words = ("the a of to and in is it that for on with as was by this be are from at or an have not "
+             "which but all can one were their there has more will its also").split()
+    words += [f"{c}{v}{d}" for c in "bcdfglmnprst" for v in "aeiou" for d in "nr"]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(14, 40))) for _ in range(400))
+    (root / "corpus.txt").write_text(text + "\n")
+    prepare([str(root / "corpus.txt")], "train:300", root / "data", max_len=32, holdout=0.1, workers=1,
+            progress=False, log=lambda *a: None)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, data_dir) -> Path:
+    """A random 2-layer BERT teacher (Flax model dir) with the data's tokenizer."""
+    from jaxdistil.data.manifest import load_manifest, tokenizer_dir
+    from jaxdistil.hf import save_flax_model
+    from jaxdistil.models import BertConfig, build_model, init_params
+
+    manifest = load_manifest(data_dir)
+    cfg = BertConfig(vocab_size=manifest["tokenizer"]["vocab_size"], hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    shapes = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), shapes)
+    out = tmp_path_factory.mktemp("teacher") / "bert"
+    save_flax_model(cfg, params, out, tokenizer_dir=tokenizer_dir(manifest))
+    return out
+
+
+def base_config(run_dir: Path, data_dir: Path, teacher_dir: Path) -> dict:
+    return {
+        "run_dir": str(run_dir),
+        "teacher": {"model": str(teacher_dir)},
+        "student": {"init": "teacher", "layers": [1]},
+        "data": {"dir": str(data_dir)},
+        "loader": {"batch_size": 8, "max_len": 32, "buckets": [32], "read_threads": 1, "prefetch": 1},
+        "optim": {"learning_rate": 1e-3},
+        "train": {"steps": STEPS, "eval_every": 4, "eval_batches": 2, "log_every": 1},
+        "checkpoint": {"every": 2, "keep": 10, "keep_best": 0},
+        "logging": {"progress": False, "peak_tflops": 1.0},
+    }
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from RUN/metrics.jsonl (each step must appear once)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            assert record["step"] not in out, f"step {record['step']} logged twice"
+            out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory, data_dir, teacher_dir):
+    root = tmp_path_factory.mktemp("runs")
+    raw = base_config(root / "ref", data_dir, teacher_dir)
+    cfg = config_from_dict(raw)
+    result = train(cfg, log=lambda *a: None)
+    return {"raw": raw, "cfg": cfg, "result": result, "dir": root / "ref", "losses": losses(root / "ref"),
+            "root": root}
+
+
+def _with(raw: dict, run_dir: Path, **sections) -> dict:
+    out = json.loads(json.dumps(raw))
+    out["run_dir"] = str(run_dir)
+    for name, values in sections.items():
+        out.setdefault(name, {}).update(values)
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_reference_run_writes_everything(ref_run):
+    run = ref_run["dir"]
+    ref = ref_run["losses"]
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert all(np.isfinite(v) for v in ref.values())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rec = [r for r in records if r["kind"] == "train"]
+    for key in ("loss", "loss_ce", "loss_mlm", "loss_cos", "mlm_accuracy", "grad_norm", "lr", "memory_gb"):
+        assert key in train_rec[-1], key
+    assert "tokens_per_s" in train_rec[-1] and "mfu" in train_rec[-1]
+    assert train_rec[-1]["loss_ce"] > 0 and train_rec[-1]["loss_cos"] > 0  # the triple loss is on
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert "teacher_accuracy" in evals[0] and "teacher_accuracy" not in evals[1]  # the teacher once
+    for r in evals:
+        assert np.isclose(r["student_perplexity"], np.exp(r["student_loss"]))
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 6, 8]
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((run / "student" / "config.json").read_text())["n_layers"] == 1
+    assert load_run_config(run / "config.yaml") == ref_run["cfg"]  # the resolved config round-trips
+    result = ref_run["result"]
+    assert result.step == STEPS and result.interrupted is None and result.teacher_eval
+    # Distillation from the teacher's own layer: the student starts close to the teacher.
+    from jaxdistil.checkpoint import restore_params
+
+    step, cfg, params = restore_params(run)
+    assert step == STEPS and cfg.n_layers == 1 and params["encoder"]["layers"]["lin1"]["kernel"].shape == (1, 32, 64)
+
+
+def test_exact_resume_after_sigkill(ref_run, tmp_path):
+    """SIGKILL at a random step, resume: every per-step loss equals the uninterrupted run's, bit for bit."""
+    run = tmp_path / "killed"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_with(ref_run["raw"], run)))
+    kill_after = random.Random(time.time_ns()).randint(3, STEPS - 1)
+    print(f"killing after step {kill_after}")
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdistil.cli", "train", "--config", str(config)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"train exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            done = losses(run) if (run / "metrics.jsonl").is_file() else {}
+            complete = [p for p in (run / "checkpoints").glob("*") if p.name.isdigit()]
+            if done and max(done) >= kill_after and complete:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the subprocess did not reach the kill step in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = losses(run)
+    assert max(before) >= kill_after
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    # A save cut short leaves only a temporary directory; plant one past the last step to be sure.
+    fake = run / "checkpoints" / f"{STEPS}.orbax-checkpoint-tmp-1234"
+    (fake / "params").mkdir(parents=True)
+    (fake / "params" / "garbage").write_bytes(b"\0" * 10)
+
+    messages = []
+    result = train(config_from_dict(_with(ref_run["raw"], run)), log=messages.append)
+    resumed = [m for m in messages if m.startswith("resumed")]
+    assert saved and resumed and resumed[0].endswith(f"from step {max(saved)}"), (messages, saved)
+    assert result.step == STEPS
+    assert not fake.exists()  # temporary directories are cleaned up, never read
+    after = losses(run)
+    assert after == ref_run["losses"]  # exact float equality, every step
+
+
+def test_restore_onto_another_mesh(ref_run, tmp_path):
+    """Saved with data=8, resumed with fsdp=4 x tensor=2: the remaining losses match within 1e-5."""
+    run = tmp_path / "remesh"
+    shutil.copytree(ref_run["dir"], run)
+    for step in (6, 8):
+        shutil.rmtree(run / "checkpoints" / str(step))
+    raw = _with(ref_run["raw"], run, mesh={"data": 1, "fsdp": 4, "tensor": 2}, train={"eval_every": -1})
+    messages = []
+    result = train(config_from_dict(raw), log=messages.append)
+    assert any(m == f"resumed {run} from step 4" for m in messages), messages
+    got, ref = losses(run), ref_run["losses"]
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(5, STEPS + 1):
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    # The parameters really are split on the new mesh.
+    kernel = result.state.params["encoder"]["layers"]["lin1"]["kernel"]  # [1, 32, 64]: (layers, embed, mlp)
+    assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert kernel.addressable_shards[0].data.shape == (1, 8, 32)
+
+
+def test_sigterm_saves_then_resume_is_exact(ref_run, tmp_path):
+    run = tmp_path / "term"
+    raw = _with(ref_run["raw"], run)
+
+    def send_when_logged():
+        while not ((run / "metrics.jsonl").is_file() and losses(run) and max(losses(run)) >= 3):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_when_logged, daemon=True).start()
+    messages = []
+    first = train(config_from_dict(raw), log=messages.append)
+    assert first.interrupted == signal.SIGTERM and 3 <= first.step < STEPS
+    assert (run / "checkpoints" / str(first.step)).is_dir()
+    assert any("SIGTERM received: saved a checkpoint" in m for m in messages)
+    second = train(config_from_dict(raw), log=lambda *a: None)
+    assert second.step == STEPS and second.interrupted is None
+    assert losses(run) == ref_run["losses"]
+
+
+def test_corrupt_latest_checkpoint_falls_back(ref_run, tmp_path, capsys):
+    run = tmp_path / "corrupt"
+    shutil.copytree(ref_run["dir"], run)
+    for f in (run / "checkpoints" / "8" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"not a checkpoint")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_with(ref_run["raw"], run, train={"eval_every": -1})))
+    assert cli.main(["train", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning: checkpoint step 8")]
+    assert len(warning) == 1 and "falling back to step 6" in warning[0], err
+    assert losses(run) == ref_run["losses"]  # steps 7 and 8 redone, identically
+    assert (run / "checkpoints-corrupt").is_dir() and (run / "checkpoints" / "8").is_dir()
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_errors_are_one_line(ref_run, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    raw = _with(ref_run["raw"], tmp_path / "new")
+    raw["train"]["stepz"] = 3
+    config.write_text(yaml.safe_dump(raw))
+    assert "train.stepz" in _one_line_error(capsys, ["train", "--config", str(config)])
+
+    config.write_text(yaml.safe_dump(_with(ref_run["raw"], tmp_path / "new")))
+    line = _one_line_error(capsys, ["train", "--config", str(config), f"teacher.model={tmp_path}/no-such-teacher"])
+    assert "no-such-teacher" in line and "does not exist" in line
+
+    # The reference run's dir with a 2-layer student: refused before anything is touched.
+    config.write_text(yaml.safe_dump(_with(ref_run["raw"], ref_run["dir"])))
+    mtime = (ref_run["dir"] / "config.yaml").stat().st_mtime
+    line = _one_line_error(capsys, ["train", "--config", str(config), "student.layers=0,1"])
+    assert "made by another config" in line and "2 layers" in line
+    assert (ref_run["dir"] / "config.yaml").stat().st_mtime == mtime
+
+    line = _one_line_error(capsys, ["train", "--config", str(config), "student.init=teacher", "teacher.model=null"])
+    assert "needs a teacher" in line
+
+
+def test_mlm_only_random_bert(ref_run, tmp_path):
+    """No teacher: a randomly initialised BERT trained with the MLM loss alone."""
+    raw = _with(ref_run["raw"], tmp_path / "mlm", teacher={"model": None},
+                student={"init": "random", "model_type": "bert",
+                         "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "intermediate_size": 64, "max_position_embeddings": 32}},
+                loss={"alpha_ce": 0.0, "alpha_cos": 0.0, "alpha_mlm": 1.0},
+                train={"steps": 3, "eval_every": 0}, checkpoint={"every": 0})
+    result = train(config_from_dict(raw), log=lambda *a: None)
+    assert result.step == 3 and not result.teacher_eval and result.last_eval["accuracy"] >= 0
+    assert type(result.student_config).__name__ == "BertConfig"
+    assert sorted(int(p.name) for p in (tmp_path / "mlm" / "checkpoints").iterdir()) == [3]
+    dump_run_config(config_from_dict(raw))  # serialisable
