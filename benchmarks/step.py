@@ -9,7 +9,9 @@ on the same batch shape, the same rows in every loss, the same masking rate.
 
 Prints tokens/s per implementation, the ratio to the PyTorch peer, and model FLOPs utilisation
 (MFU) against this machine's matmul peak, measured here (max of ``jnp.dot`` and ``torch.mm`` on
-large square matrices). Model FLOPs per token count every matmul including attention and the
+large square matrices). On CPU it also prints the process CPU seconds per step, the measure of
+work that other processes on a shared machine distort least (benchmarks/PERFORMANCE.md).
+Model FLOPs per token count every matmul including attention and the
 vocabulary projection: 3x the student forward (forward + backward) plus 1x the teacher forward.
 
   python benchmarks/step.py                      # CPU: 8x128 fp32, jaxdistil vs eager PyTorch
@@ -37,10 +39,6 @@ from typing import Any, Callable
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = ((64, 128), (256, 128), (64, 512))
 
-# XLA CPU flags this benchmark (and training on CPU) runs with; see benchmarks/PERFORMANCE.md for
-# what each one measured here. Appended to any XLA_FLAGS the user set (theirs win on conflicts,
-# since XLA takes the last occurrence... so ours go first).
-CPU_XLA_FLAGS: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +273,8 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
     from jaxdistil.distill import sharding as shd
     from jaxdistil.distill.losses import LossConfig
     from jaxdistil.distill.optim import OptimConfig, make_optimizer
-    from jaxdistil.distill.step import StepConfig, build_models, init_train_state, make_train_step, shard_teacher
+    from jaxdistil.distill.step import (
+        StepConfig, build_models, init_train_state, make_train_step, shard_teacher)
     from jaxdistil.models import init_params
 
     if not dropout:
@@ -377,7 +376,7 @@ class TorchStep:
         self.init_s = time.perf_counter() - t0
 
     def mask(self):
-        """prepare_batch_mlm: choose ceil(0.15 * real tokens) positions, 80% [MASK] / 10% keep / 10% random."""
+        """prepare_batch_mlm: ceil(0.15 * real tokens) positions; 80% [MASK], 10% kept, 10% random."""
         torch = self.torch
         ids, attn = self.ids, self.attn
         x_prob = self.token_probs[ids.flatten()] * attn.flatten()
@@ -498,6 +497,15 @@ def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype:
         results[impl].setdefault("round_cpu_s_per_step", []).append(cpu / per_round)
         results[impl]["last_metrics"] = metrics
 
+    def profile(impl, runner):
+        if args.profile and impl == "jax":
+            import jax
+
+            path = Path(args.profile) / f"{batch}x{seq}"
+            with jax.profiler.trace(str(path), create_perfetto_trace=True):
+                runner.run(2)
+            print(f"  jax profile of 2 steps: {path}", flush=True)
+
     if gpu:
         # One implementation at a time so each has the GPU memory to itself; no contention there.
         for impl in impls:
@@ -505,6 +513,7 @@ def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype:
             for _ in range(rounds):
                 time_round(impl, runner)
             results[impl]["peak_memory_bytes"] = runner.peak_memory()
+            profile(impl, runner)
             runner.close()
             del runner
             gc.collect()
@@ -517,6 +526,7 @@ def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype:
                 time_round(impl, runners[impl])
         for impl in impls:
             results[impl]["peak_memory_bytes"] = runners[impl].peak_memory()
+            profile(impl, runners[impl])
 
     for impl, r in results.items():
         tps = statistics.median(r["round_tokens_per_s"])
@@ -533,7 +543,8 @@ def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype:
     if "jax" in results:
         for impl in results:
             if impl != "jax":
-                ratios[f"jax_vs_{impl}"] = round(results["jax"]["tokens_per_s"] / results[impl]["tokens_per_s"], 3)
+                jax_tps = results["jax"]["tokens_per_s"]
+                ratios[f"jax_vs_{impl}"] = round(jax_tps / results[impl]["tokens_per_s"], 3)
                 if not gpu:
                     ratios[f"jax_vs_{impl}_cpu_time"] = round(
                         results[impl]["cpu_s_per_step"] / results["jax"]["cpu_s_per_step"], 3)
@@ -546,9 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gpu = args.device == "gpu" or (args.device == "auto" and gpu_visible())
     if not gpu:
+        # No XLA CPU flags: none of those tried measured faster (benchmarks/PERFORMANCE.md).
         os.environ["JAX_PLATFORMS"] = "cpu"
-        flags = " ".join(CPU_XLA_FLAGS)
-        os.environ["XLA_FLAGS"] = (flags + " " + os.environ.get("XLA_FLAGS", "")).strip()
     else:
         # JAX must not grab 75% of the GPU up front: the PyTorch peers run in the same process.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -587,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = None if args.no_peak else matmul_peak(gpu, dtype)
     if peak:
         print(f"matmul peak ({dtype}, {peak['size']}^2): jax {peak['jax_flops'] / 1e9:.1f} GFLOP/s, torch "
-              f"{peak.get('torch_flops', 0) / 1e9:.1f} GFLOP/s -> peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s",
+              f"{peak.get('torch_flops', 0) / 1e9:.1f} GFLOP/s -> peak "
+              f"{peak['peak_flops'] / 1e9:.1f} GFLOP/s",
               flush=True)
 
     report: dict[str, Any] = {

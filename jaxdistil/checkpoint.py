@@ -72,12 +72,12 @@ class DataStateHandler(ocp.CheckpointHandler):
     asynchronous save can never record a later position than the one the params belong to.
     """
 
-    def save(self, directory: epath.Path, args: "DataStateSave") -> None:
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         (directory / name).write_text(json.dumps(args.state))
 
-    def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
         states = [json.loads(p.read_text()) for p in sorted(directory.glob("process_*-of-*.json"))]
         if states and all(isinstance(st, dict) and "shards" in st and "num_shards" in st for st in states):
             # jaxdistil.distributed.ShardedBatches states are keyed by data shard: merged, every
@@ -315,11 +315,11 @@ class RunCheckpointer:
         for i, candidate in enumerate(reversed(steps)):
             try:
                 self.check_shapes(candidate, abstract_params, abstract_opt_state)
-                items = dict(
-                    params=_restore_args(abstract_params),
-                    opt_state=_restore_args(abstract_opt_state),
-                    meta=ocp.args.JsonRestore(),
-                )
+                items = {
+                    "params": _restore_args(abstract_params),
+                    "opt_state": _restore_args(abstract_opt_state),
+                    "meta": ocp.args.JsonRestore(),
+                }
                 if with_data:
                     items["data"] = DataStateRestore()
                 out = self.manager.restore(candidate, args=ocp.args.Composite(**items))
@@ -328,7 +328,7 @@ class RunCheckpointer:
                     raise ValueError(f"meta says step {meta.get('step')}")
             except UserError:
                 raise
-            except Exception as err:  # noqa: BLE001 - any read failure means this step is unusable
+            except Exception as err:
                 older = [s for s in steps if s < candidate]
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
                 if step is not None or not older:

@@ -152,18 +152,18 @@ class RunConfig:
     """Everything a run needs; ``run_dir`` receives checkpoints, logs and the resolved config."""
 
     run_dir: str = "runs/default"
-    teacher: TeacherConfig = TeacherConfig()
-    student: StudentConfig = StudentConfig()
-    data: DataConfig = DataConfig()
-    loader: LoaderConfig = LoaderConfig()
-    masking: MaskingConfig = MaskingConfig()
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
-    mesh: MeshConfig = MeshConfig()
-    train: TrainConfig = TrainConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    logging: LoggingConfig = LoggingConfig()
-    distributed: DistributedConfig = DistributedConfig()
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
+    masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 # --------------------------------------------------------------------------- building from dicts

@@ -38,14 +38,14 @@ TEACHER_STAGE = [
     "teacher.model=null",
     "student.init=random",
     "student.model_type=bert",
-    "student.config={hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, intermediate_size: 512, "
-    f"max_position_embeddings: {MAX_LEN}, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}",
+    ("student.config={hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, intermediate_size: 512, "
+     f"max_position_embeddings: {MAX_LEN}, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}"),
     "loss.alpha_ce=0.0",
     "loss.alpha_cos=0.0",
     "loss.alpha_mlm=1.0",
     "masking.mlm_mask_prop=0.4",
     "optim.learning_rate=2.0e-3",
-    "train.steps=500",
+    "train.steps=400",
 ]
 
 

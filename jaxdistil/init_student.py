@@ -42,13 +42,13 @@ def student_config_from_teacher(
     the student's tensors are copied from the teacher.
     """
     if isinstance(teacher, BertConfig):
-        fields = dict(
-            vocab_size=teacher.vocab_size, max_position_embeddings=teacher.max_position_embeddings,
-            n_layers=n_layers, n_heads=teacher.num_attention_heads, dim=teacher.hidden_size,
-            hidden_dim=teacher.intermediate_size, dropout=teacher.hidden_dropout_prob,
-            attention_dropout=teacher.attention_probs_dropout_prob, activation=teacher.hidden_act,
-            initializer_range=teacher.initializer_range, pad_token_id=teacher.pad_token_id,
-        )
+        fields = {
+            "vocab_size": teacher.vocab_size, "max_position_embeddings": teacher.max_position_embeddings,
+            "n_layers": n_layers, "n_heads": teacher.num_attention_heads, "dim": teacher.hidden_size,
+            "hidden_dim": teacher.intermediate_size, "dropout": teacher.hidden_dropout_prob,
+            "attention_dropout": teacher.attention_probs_dropout_prob, "activation": teacher.hidden_act,
+            "initializer_range": teacher.initializer_range, "pad_token_id": teacher.pad_token_id,
+        }
     else:
         fields = {f.name: getattr(teacher, f.name) for f in dataclasses.fields(DistilBertConfig)}
         fields["n_layers"] = n_layers

@@ -63,7 +63,7 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, student_cfg) -> None:
     saved = run_dir / "student" / "config.json"
     if saved.is_file():
         old = load_config(saved)
-        shape = lambda c: (type(c).__name__, c.layers, c.hidden, c.heads, c.mlp, c.vocab_size,  # noqa: E731
+        shape = lambda c: (type(c).__name__, c.layers, c.hidden, c.heads, c.mlp, c.vocab_size,
                            c.max_position_embeddings, c.token_types, c.sinusoidal)
         if shape(old) != shape(student_cfg):
             raise UserError(
@@ -127,11 +127,9 @@ def student_config(cfg: RunConfig, teacher, manifest: dict):
         if teacher is None:
             raise UserError("student.init=teacher needs a teacher (teacher.model); set student.init=random for "
                             "MLM-only training")
-        from jaxdistil.init_student import student_from_teacher
+        from jaxdistil.init_student import check_layers, student_config_from_teacher, student_from_teacher
 
-        # Config first (cheap); params are built only when there is no checkpoint to resume.
-        from jaxdistil.init_student import check_layers, student_config_from_teacher
-
+        # The config now (cheap); the params only when there is no checkpoint to resume from.
         layers = check_layers(s.layers, teacher.config.layers)
         model_cfg = student_config_from_teacher(teacher.config, len(layers), s.config)
 
@@ -344,8 +342,6 @@ def total_steps_for(cfg: RunConfig, manifest: dict) -> int:
 def train(cfg: RunConfig, log=print) -> TrainResult:
     """Runs (or resumes) the training described by ``cfg``; see the module doc for the phases."""
     # ---- 1. processes and run dir
-    from jaxdistil import distributed
-
     distributed.initialize(cfg.distributed)  # before any other JAX call
     if cfg.train.compile_cache:
         # Restarts (a resume after preemption, the demo's second run) load the compiled step instead
@@ -513,6 +509,8 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
     stop = StopSignal()
     try:
         with stop:
+            if restored is None and has_eval and cfg.train.eval_every > 0:
+                run_eval(0)  # where the student starts (e.g. right after copying teacher layers)
             while step < total_steps and not stop.check(step):
                 try:
                     host_batch = next(train_iter)

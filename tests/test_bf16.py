@@ -44,35 +44,48 @@ def _batch() -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": attn}
 
 
-def _run(dtype: str) -> tuple[np.ndarray, dict]:
-    """Losses of STEPS updates on the fixed batch, and the final state's param dtypes."""
-    cfg = StepConfig(loss=LossConfig(), mask_id=3, dtype=dtype,
-                     optim=OptimConfig(learning_rate=1e-2, total_steps=STEPS, warmup_prop=0.1))
+def _cfg(dtype: str) -> StepConfig:
+    return StepConfig(loss=LossConfig(), mask_id=3, dtype=dtype,
+                      optim=OptimConfig(learning_rate=1e-2, total_steps=STEPS, warmup_prop=0.1))
+
+
+def _run_both() -> dict[str, tuple[np.ndarray, dict]]:
+    """Losses of STEPS updates on the fixed batch for fp32 and bf16 compute, from the same init,
+    and each final state's param / optimizer dtypes."""
     mesh = shd.make_mesh(shd.MeshConfig(data=1), devices=jax.devices()[:1])
-    student, teacher = build_models(cfg, STUDENT, TEACHER)
-    tx, schedule = make_optimizer(cfg.optim, model_cfg=STUDENT)
-    # Same teacher and student init for both dtypes (params are fp32 either way).
-    state, shardings = init_train_state(student, jax.random.PRNGKey(1), tx, mesh)
+    student, teacher = build_models(_cfg("float32"), STUDENT, TEACHER)
+    tx, schedule = make_optimizer(_cfg("float32").optim, model_cfg=STUDENT)
+    # One init for both runs (params are fp32 whatever the compute dtype); each run gets a copy
+    # because the step donates its state.
+    state0, shardings = init_train_state(student, jax.random.PRNGKey(1), tx, mesh)
     t_params, t_shardings = shard_teacher(teacher, init_params(teacher, jax.random.PRNGKey(0)), mesh)
-    step = make_train_step(student, teacher, cfg, tx, schedule, mesh, shd.RULES, shardings, t_shardings)
     batch = shd.shard_batch(_batch(), mesh)
     weights = np.ones(VOCAB, np.float32)
     weights[:5] = 0.0
     weights = jax.device_put(jnp.asarray(weights), shd.replicated(mesh))
-    losses = []
-    for _ in range(STEPS):
-        state, metrics = step(state, t_params, batch, weights)
-        losses.append(float(metrics["loss"]))
-    dtypes = {
-        "params": {x.dtype for x in jax.tree.leaves(state.params)},
-        "opt": {x.dtype for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)},
-    }
-    return np.asarray(losses), dtypes
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = _cfg(dtype)
+        student, teacher = build_models(cfg, STUDENT, TEACHER)
+        step = make_train_step(student, teacher, cfg, tx, schedule, mesh, shd.RULES, shardings, t_shardings)
+        state = jax.tree.map(lambda x: jnp.array(x, copy=True), state0)
+        losses = []
+        for _ in range(STEPS):
+            state, metrics = step(state, t_params, batch, weights)
+            losses.append(float(metrics["loss"]))
+        dtypes = {
+            "params": {x.dtype for x in jax.tree.leaves(state.params)},
+            "opt": {x.dtype for x in jax.tree.leaves(state.opt_state)
+                    if jnp.issubdtype(x.dtype, jnp.floating)},
+        }
+        out[dtype] = (np.asarray(losses), dtypes)
+    return out
 
 
 @pytest.fixture(scope="module")
 def runs():
-    return _run("float32"), _run("bfloat16")
+    both = _run_both()
+    return both["float32"], both["bfloat16"]
 
 
 def test_bf16_losses_track_fp32(runs):

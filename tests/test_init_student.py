@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from jaxdistil import cli
-from jaxdistil.hf import load_model, save_flax_model
 from jaxdistil.errors import UserError
+from jaxdistil.hf import load_model, save_flax_model
 from jaxdistil.init_student import PAPER_LAYERS, student_from_teacher
 from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_params
 
 
 def tiny_bert(layers: int, **kw) -> BertConfig:
-    fields = dict(vocab_size=97, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                  intermediate_size=48, max_position_embeddings=40)
+    fields = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "intermediate_size": 48, "max_position_embeddings": 40}
     fields.update(kw)
     return BertConfig(**fields)
 

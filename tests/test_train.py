@@ -9,6 +9,7 @@ exact-resume test thereby also shows that a cached executable keeps losses bit-e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -148,8 +149,8 @@ def test_reference_run_writes_everything(ref_run):
     assert "tokens_per_s" in train_rec[-1] and "mfu" in train_rec[-1]
     assert train_rec[-1]["loss_ce"] > 0 and train_rec[-1]["loss_cos"] > 0  # the triple loss is on
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [4, 8]
-    assert "teacher_accuracy" in evals[0] and "teacher_accuracy" not in evals[1]  # the teacher once
+    assert [r["step"] for r in evals] == [0, 4, 8]  # 0: the student as copied from the teacher
+    assert "teacher_accuracy" in evals[0] and all("teacher_accuracy" not in r for r in evals[1:])  # once
     for r in evals:
         assert np.isclose(r["student_perplexity"], np.exp(r["student_loss"]))
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 6, 8]
@@ -293,6 +294,30 @@ def test_errors_are_one_line(ref_run, tmp_path, capsys):
 
     line = _one_line_error(capsys, ["train", "--config", str(config), "student.init=teacher", "teacher.model=null"])
     assert "needs a teacher" in line
+
+    # A teacher whose vocabulary is not the data's: refused against the data's manifest.
+    from jaxdistil.hf import load_model, save_flax_model
+
+    teacher = load_model(ref_run["raw"]["teacher"]["model"])
+    other = tmp_path / "other-teacher"
+    cfg = dataclasses.replace(teacher.config, vocab_size=teacher.config.vocab_size + 1)
+    params = jax.tree.map(np.copy, teacher.params)
+    params["embeddings"]["word_embeddings"]["embedding"] = np.zeros((cfg.vocab_size, 32), np.float32)
+    params["mlm_head"]["bias"] = np.zeros((cfg.vocab_size,), np.float32)
+    save_flax_model(cfg, params, other)
+    config.write_text(yaml.safe_dump(_with(ref_run["raw"], tmp_path / "new")))
+    line = _one_line_error(capsys, ["train", "--config", str(config), f"teacher.model={other}"])
+    assert "vocabulary" in line and "prepare the data" in line
+
+
+def test_evaluate_command(ref_run, data_dir, capsys):
+    assert cli.main(["evaluate", "--model", str(ref_run["dir"]), "--data", str(data_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == STEPS and 0.0 <= out["accuracy"] <= 1.0 and out["masked_tokens"] > 0
+    assert np.isclose(out["perplexity"], np.exp(out["loss"]))
+    # Fixed masks: a second evaluation gives identical numbers.
+    assert cli.main(["evaluate", "--model", str(ref_run["dir"]), "--data", str(data_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
 
 
 def test_mlm_only_random_bert(ref_run, tmp_path):
