@@ -1,10 +1,10 @@
-"""Checkpoints of a run (orbax ``CheckpointManager``) and Flax model directories.
+"""Checkpoints of a run (orbax ``CheckpointManager``), and ``restore_params`` for the trained student.
 
 A run checkpoint ``RUN/checkpoints/<step>/`` holds four items:
 
   params     the student's parameters (orbax array format, sharded as they were in memory)
   opt_state  the optimizer state
-  meta       JSON: step, the step RNG's key data, tokens seen, eval metrics
+  meta       JSON: step, the run's base PRNG key data, the eval loss when there was an evaluation
   data       the data iterator's state, one JSON file per process (each host reads its own shard)
 
 Saves are asynchronous: ``save`` returns once the arrays are copied off the accelerator and the
@@ -82,8 +82,10 @@ class DataStateHandler(ocp.CheckpointHandler):
         if states and all(isinstance(st, dict) and "shards" in st and "num_shards" in st for st in states):
             # jaxdistil.distributed.ShardedBatches states are keyed by data shard: merged, every
             # process finds the shards it reads, also with another number of processes.
-            return {"num_shards": states[0]["num_shards"],
-                    "shards": {k: v for st in states for k, v in st["shards"].items()}}
+            return {
+                "num_shards": states[0]["num_shards"],
+                "shards": {k: v for st in states for k, v in st["shards"].items()},
+            }
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         path = directory / name
         if not path.exists():
@@ -186,15 +188,20 @@ def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
     """
     th = ocp.type_handlers
     registry = th.create_type_handler_registry(
-        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (np.number, th.ScalarHandler()),
-        (np.ndarray, th.NumpyHandler()), (jax.Array, th.ArrayHandler(use_replica_parallel=False)),
+        (int, th.ScalarHandler()),
+        (float, th.ScalarHandler()),
+        (np.number, th.ScalarHandler()),
+        (np.ndarray, th.NumpyHandler()),
+        (jax.Array, th.ArrayHandler(use_replica_parallel=False)),
     )
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
     """Restore onto ``abstract`` (ShapeDtypeStructs whose ``sharding`` says where each array goes)."""
-    return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    return ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+    )
 
 
 class RunCheckpointer:
@@ -203,12 +210,12 @@ class RunCheckpointer:
     Keeps the latest ``cfg.keep`` steps and, with ``cfg.keep_best``, the best steps by ``eval_loss``.
     """
 
-    ITEMS = ("params", "opt_state", "meta", "data")
-
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig = CheckpointConfig(), read_only: bool = False):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
+        cfg = cfg or CheckpointConfig()
         self.run_dir = Path(run_dir).absolute()
         self.directory = self.run_dir / "checkpoints"
         self.cfg = cfg
+        self.read_only = read_only
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
         if cfg.keep_best:
             policies.append(
@@ -260,10 +267,18 @@ class RunCheckpointer:
         meta: dict | None = None,
         eval_loss: float | None = None,
     ) -> bool:
-        """Starts an (async) save of ``step``; returns False if that step is already saved."""
+        """Starts an (async) save of ``step``; returns False if that step is already saved.
+
+        params / opt_state: pytrees of (sharded) arrays; rng: the base key (typed or raw uint32);
+        data_state: the iterator's ``get_state()`` (captured now); eval_loss ranks ``keep_best``.
+        """
+        if self.read_only:
+            raise RuntimeError("this RunCheckpointer was opened read-only")
         if step in self.manager.all_steps():
             return False
-        rng = np.asarray(jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng)
+        rng = np.asarray(
+            jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+        )
         info = dict(meta or {}, step=int(step), rng=rng.astype(np.uint32).tolist(), time=time.time())
         metrics = None
         if eval_loss is not None:
@@ -398,19 +413,23 @@ def restore_params(run_dir: str | Path, step: int | None = None) -> tuple[int, M
             meta = ckpt.manager.item_metadata(candidate)
             problems = _shape_mismatches(abstract, meta["params"], "params")
             if problems:
-                raise UserError(f"run {run_dir}: stored params do not match student/config.json ({problems[0]})")
-            out = ckpt.manager.restore(
-                candidate, args=ocp.args.Composite(params=_restore_args(abstract))
-            )
+                raise UserError(
+                    f"run {run_dir}: stored params do not match student/config.json ({problems[0]})"
+                )
+            out = ckpt.manager.restore(candidate, args=ocp.args.Composite(params=_restore_args(abstract)))
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001
             last_err = err
             if step is None and candidate != candidates[-1]:
-                _warn(f"checkpoint step {candidate} of {run_dir} is unreadable ({type(err).__name__}); "
-                      f"trying the previous one")
+                _warn(
+                    f"checkpoint step {candidate} of {run_dir} is unreadable ({type(err).__name__}); "
+                    f"trying the previous one"
+                )
             continue
         ckpt.manager.close()
         return candidate, model_cfg, jax.tree.map(np.asarray, out["params"])
     ckpt.manager.close()
-    raise UserError(f"no readable checkpoint in {run_dir / 'checkpoints'} ({type(last_err).__name__}: {last_err})")
+    raise UserError(
+        f"no readable checkpoint in {run_dir / 'checkpoints'} ({type(last_err).__name__}: {last_err})"
+    )

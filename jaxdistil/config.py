@@ -61,8 +61,9 @@ class StudentConfig:
       path / hub id of a model to start from (Flax model dir, HF dir, run dir).
     layers: teacher layers the student keeps (init=teacher).
     model_type: "distilbert" or "bert" (init=random; a teacher-initialised student is DistilBERT).
-    config: Hugging Face config.json fields. init=random: the student's shape (missing fields take
-      transformers' defaults); init=teacher: non-shape fields such as dropout.
+    config: Hugging Face config.json fields. init=random: the student's shape (vocab_size and
+      pad_token_id default to the data's tokenizer, other missing fields to transformers'
+      defaults); init=teacher: non-shape fields such as dropout.
     vocab_transform: init=teacher copies the MLM head's transform dense (else random).
     fold_token_types: init=teacher folds the teacher's token_type_embeddings[0] into the position
       embeddings (exact on token-type-0 input) instead of dropping them as the reference does.
@@ -79,13 +80,18 @@ class StudentConfig:
         if self.model_type not in ("distilbert", "bert"):
             raise UserError(f"student.model_type must be distilbert or bert, got {self.model_type!r}")
         cls = DistilBertConfig if self.model_type == "distilbert" else BertConfig
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in self.config:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in self.config.items():
             if key not in known:
                 raise UserError(
                     f"unknown config key 'student.config.{key}': not a {cls.__name__} field "
                     f"(known: {', '.join(sorted(known))})"
                 )
+            kind = type(known[key].default)  # the HF fields are plain int / float / str / bool
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise UserError(f"config key 'student.config.{key}' should be {kind.__name__}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +111,8 @@ class TrainConfig:
     steps: optimizer updates; 0 = derive from ``epochs`` and the data size.
     epochs: passes over the training data when steps = 0.
     seed: seeds init, masking and dropout (the data order has its own ``loader.seed``).
-    eval_every: held-out evaluation every N steps and at the end; 0 = at the end only; -1 = never.
+    eval_every: held-out evaluation at step 0 (fresh runs), every N steps and at the end; 0 = at the
+      end only; -1 = never. The teacher is evaluated once, at the first evaluation.
     eval_batches: held-out batches per evaluation; 0 = the whole held-out split.
     log_every: metrics (loss, lr, grad norm, tokens/s...) every N steps.
     dtype: compute dtype of both models (float32, bfloat16); params and optimizer state stay float32.
@@ -332,7 +339,9 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+        raise UserError(
+            f"config file {path} is not valid YAML{line}: {getattr(err, 'problem', err)}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -38,8 +38,11 @@ TEACHER_STAGE = [
     "teacher.model=null",
     "student.init=random",
     "student.model_type=bert",
-    ("student.config={hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, intermediate_size: 512, "
-     f"max_position_embeddings: {MAX_LEN}, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}"),
+    (
+        "student.config={hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, "
+        f"intermediate_size: 512, max_position_embeddings: {MAX_LEN}, "
+        "hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"
+    ),
     "loss.alpha_ce=0.0",
     "loss.alpha_cos=0.0",
     "loss.alpha_mlm=1.0",
@@ -64,7 +67,9 @@ def _history(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def forward_times(models: list[tuple[Any, Any]], batch: dict[str, np.ndarray], repeats: int = 10) -> list[float]:
+def forward_times(
+    models: list[tuple[Any, Any]], batch: dict[str, np.ndarray], repeats: int = 10
+) -> list[float]:
     """Best wall time (s) of a jitted forward pass (logits of every token) of each (config, params)
     on ``batch``; the models take turns so that a busy machine slows them alike."""
     import jax
@@ -98,9 +103,15 @@ def plot(report: dict[str, Any], teacher_hist: dict, student_hist: dict, path: P
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     t_train = teacher_hist["train"]
     s_train = student_hist["train"]
-    left.plot([r["step"] for r in t_train], [r["loss_mlm"] for r in t_train], label="teacher pre-training: L_mlm")
-    for key, label in (("loss", "student: total (5 L_ce + 2 L_mlm + L_cos)"), ("loss_ce", "student: L_ce"),
-                       ("loss_mlm", "student: L_mlm"), ("loss_cos", "student: L_cos")):
+    left.plot(
+        [r["step"] for r in t_train], [r["loss_mlm"] for r in t_train], label="teacher pre-training: L_mlm"
+    )
+    for key, label in (
+        ("loss", "student: total (5 L_ce + 2 L_mlm + L_cos)"),
+        ("loss_ce", "student: L_ce"),
+        ("loss_mlm", "student: L_mlm"),
+        ("loss_cos", "student: L_cos"),
+    ):
         left.plot([r["step"] for r in s_train], [r[key] for r in s_train], label=label)
     left.set_xlabel("update")
     left.set_ylabel("training loss")
@@ -109,8 +120,18 @@ def plot(report: dict[str, Any], teacher_hist: dict, student_hist: dict, path: P
     left.legend(fontsize=8)
     t_eval = [r for r in teacher_hist["eval"] if "student_accuracy" in r]
     s_eval = [r for r in student_hist["eval"] if "student_accuracy" in r]
-    right.plot([r["step"] for r in t_eval], [r["student_accuracy"] for r in t_eval], "o-", label="teacher (pre-training)")
-    right.plot([r["step"] for r in s_eval], [r["student_accuracy"] for r in s_eval], "o-", label="student (distillation)")
+    right.plot(
+        [r["step"] for r in t_eval],
+        [r["student_accuracy"] for r in t_eval],
+        "o-",
+        label="teacher (pre-training)",
+    )
+    right.plot(
+        [r["step"] for r in s_eval],
+        [r["student_accuracy"] for r in s_eval],
+        "o-",
+        label="student (distillation)",
+    )
     right.axhline(report["teacher"]["accuracy"], color="gray", ls="--", lw=1, label="teacher, final")
     right.set_xlabel("update")
     right.set_ylabel("held-out MLM accuracy")
@@ -123,6 +144,12 @@ def plot(report: dict[str, Any], teacher_hist: dict, student_hist: dict, path: P
 
 def format_report(report: dict[str, Any]) -> str:
     t, s = report["teacher"], report["student"]
+    init = report.get("student_init")
+    copied = (
+        [f"{'  student as copied':22}{'':>14}{init['accuracy']:>14.4f}"
+         f"  (accuracy before distillation; perplexity {init['perplexity']:.2f})"]
+        if init else []
+    )
     lines = [
         f"{'':22}{'teacher':>14}{'student':>14}",
         f"{'architecture':22}{t['architecture']:>14}{s['architecture']:>14}",
@@ -130,20 +157,27 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'parameters':22}{t['params'] / 1e6:>13.2f}M{s['params'] / 1e6:>13.2f}M",
         f"{'held-out MLM accuracy':22}{t['accuracy']:>14.4f}{s['accuracy']:>14.4f}",
         f"{'held-out perplexity':22}{t['perplexity']:>14.2f}{s['perplexity']:>14.2f}",
+        *copied,
         f"{'forward pass (ms)':22}{t['forward_ms']:>14.1f}{s['forward_ms']:>14.1f}",
         "",
         f"retention (student accuracy / teacher accuracy): {report['retention'] * 100:.1f}%",
         f"inference speed-up of the student: {report['speedup']:.2f}x",
         f"held-out set: {report['heldout_masked_tokens']:,} masked of {report['heldout_tokens']:,} tokens",
         f"export: {report['export']}",
-        f"wall time: {report['wall_time_s']:.0f} s (" + ", ".join(
-            f"{k} {v:.0f} s" for k, v in report["stage_seconds"].items()) + ")",
+        f"wall time: {report['wall_time_s']:.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in report["stage_seconds"].items())
+        + ")",
     ]
     return "\n".join(lines)
 
 
-def demo(output: str | Path = "demo-out", *, teacher_steps: int | None = None, student_steps: int | None = None,
-         export: bool = True) -> dict[str, Any]:
+def demo(
+    output: str | Path = "demo-out",
+    *,
+    teacher_steps: int | None = None,
+    student_steps: int | None = None,
+    export: bool = True,
+) -> dict[str, Any]:
     """Runs the demo into ``output`` and returns the report (also written to report.json / .png)."""
     import jax
 
@@ -201,8 +235,12 @@ def demo(output: str | Path = "demo-out", *, teacher_steps: int | None = None, s
     teacher, student = load_model(str(teacher_dir)), load_model(str(student_dir))
     from jaxdistil.data.loader import LoaderConfig, eval_batches
 
-    batch = next(iter(eval_batches(str(data_dir), LoaderConfig(batch_size=32, max_len=MAX_LEN, buckets=(MAX_LEN,)))))
-    t_time, s_time = forward_times([(teacher.config, teacher.params), (student.config, student.params)], batch)
+    batch = next(
+        iter(eval_batches(str(data_dir), LoaderConfig(batch_size=32, max_len=MAX_LEN, buckets=(MAX_LEN,))))
+    )
+    t_time, s_time = forward_times(
+        [(teacher.config, teacher.params), (student.config, student.params)], batch
+    )
     seconds["evaluate"] = time.perf_counter() - t0
 
     # 5. export the student to Hugging Face format
@@ -213,20 +251,38 @@ def demo(output: str | Path = "demo-out", *, teacher_steps: int | None = None, s
         from jaxdistil.hf import export_model
 
         rep = export_model(str(student_dir), out / "student-hf", force=True)
-        export_note = (f"{rep.output} (transformers logits match within {rep.max_abs_diff:.1e})" if rep.verified
-                       else f"{rep.output} ({rep.note})")
+        export_note = (
+            f"{rep.output} (transformers logits match within {rep.max_abs_diff:.1e})"
+            if rep.verified
+            else f"{rep.output} ({rep.note})"
+        )
         print(export_note)
     seconds["export"] = time.perf_counter() - t0
 
     # 6. report
     def describe(loaded, ev, seconds_):
-        return {"architecture": type(loaded.config).__name__.replace("Config", ""), "layers": loaded.config.layers,
-                "hidden": loaded.config.hidden, "params": int(ev["params"]), "accuracy": ev["accuracy"],
-                "perplexity": ev["perplexity"], "loss": ev["loss"], "forward_ms": seconds_ * 1e3}
+        return {
+            "architecture": type(loaded.config).__name__.replace("Config", ""),
+            "layers": loaded.config.layers,
+            "hidden": loaded.config.hidden,
+            "params": int(ev["params"]),
+            "accuracy": ev["accuracy"],
+            "perplexity": ev["perplexity"],
+            "loss": ev["loss"],
+            "forward_ms": seconds_ * 1e3,
+        }
 
+    # The student's run evaluated it at step 0 (teacher layers copied, not yet distilled) on the same
+    # held-out batches and masks as evaluate_model.
+    first = next((r for r in _history(student_dir)["eval"] if r["step"] == 0), None)
     report = {
         "teacher": describe(teacher, t_eval, t_time),
         "student": describe(student, s_eval, s_time),
+        "student_init": (
+            {"accuracy": first["student_accuracy"], "perplexity": first["student_perplexity"]}
+            if first
+            else None
+        ),
         "retention": s_eval["accuracy"] / max(t_eval["accuracy"], 1e-12),
         "speedup": t_time / s_time,
         "heldout_tokens": int(t_eval["tokens"]),
@@ -236,7 +292,6 @@ def demo(output: str | Path = "demo-out", *, teacher_steps: int | None = None, s
         "device": f"{jax.devices()[0].platform} x {jax.device_count()}",
         "output": str(out),
     }
-    seconds["report"] = 0.0
     report["stage_seconds"] = seconds
     report["wall_time_s"] = time.perf_counter() - start
     plot(report, _history(teacher_dir), _history(student_dir), out / "report.png")
@@ -252,8 +307,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = demo(args.output, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                  export=not args.no_export)
+    report = demo(
+        args.output,
+        teacher_steps=args.teacher_steps,
+        student_steps=args.student_steps,
+        export=not args.no_export,
+    )
     print("\n== report (" + str(Path(report["output"]) / "report.json") + ", report.png)")
     print(format_report(report))
     sys.stdout.flush()

@@ -115,8 +115,10 @@ def evaluate_model(
     manifest = manifest_lib.load_manifest(data_dir)
     loaded = load_model(model, step=step)
     if not loaded.has_mlm_head:
-        raise UserError(f"{model} has no trained MLM head (an encoder-only checkpoint); masked-LM "
-                        "evaluation needs a *ForMaskedLM model")
+        raise UserError(
+            f"{model} has no trained MLM head (an encoder-only checkpoint); masked-LM "
+            "evaluation needs a *ForMaskedLM model"
+        )
     tok_hash = None
     if loaded.tokenizer_dir:
         from jaxdistil.data.tokenization import tokenizer_hash_of_dir
@@ -129,8 +131,9 @@ def evaluate_model(
     batch_size = -(-batch_size // n) * n
     max_len = min(max_len or int(manifest["max_len"]), loaded.config.max_position_embeddings)
     # One padded length: a single compilation per model (held-out sets are small; padding is cheap).
-    cfg = loader_lib.LoaderConfig(batch_size=batch_size, max_len=max_len, buckets=(max_len,), group_window=1,
-                                  prefetch=0)
+    cfg = loader_lib.LoaderConfig(
+        batch_size=batch_size, max_len=max_len, buckets=(max_len,), group_window=1, prefetch=0
+    )
     masking = eval_masking()
     weights = eval_token_weights(manifest)
     step_cfg = StepConfig(masking=masking, mask_id=manifest["tokenizer"]["special_ids"]["mask"], dtype=dtype)
@@ -140,8 +143,9 @@ def evaluate_model(
     eval_step = make_eval_step(net, step_cfg, mesh, shd.RULES, param_shardings)
     token_weights = jax.device_put(weights, shd.replicated(mesh))
     batches = loader_lib.eval_batches(manifest, cfg, split=split)
-    out = evaluate_params(eval_step, params, batches, token_weights, lambda b: shd.shard_batch(b, mesh),
-                          max_batches, seed)
+    out = evaluate_params(
+        eval_step, params, batches, token_weights, lambda b: shd.shard_batch(b, mesh), max_batches, seed
+    )
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(loaded.params))
     return {"model": str(model), "step": loaded.step, "params": n_params, **out}
 
@@ -157,18 +161,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None, help="truncate sequences (default: the data's)")
     parser.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = all)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: latest)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step of a run dir (default: latest)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = evaluate_model(args.model, args.data, batch_size=args.batch_size, max_len=args.max_len,
-                         max_batches=args.max_batches, dtype=args.dtype, split=args.split, step=args.step)
+    out = evaluate_model(
+        args.model,
+        args.data,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        max_batches=args.max_batches,
+        dtype=args.dtype,
+        split=args.split,
+        step=args.step,
+    )
     if args.json:
         print(json.dumps(out))
     else:
         step = f" (step {out['step']})" if out["step"] is not None else ""
-        print(f"{out['model']}{step}: {out['params'] / 1e6:.2f}M params, {args.split} split, "
-              f"{int(out['masked_tokens']):,} masked of {int(out['tokens']):,} tokens")
-        print(f"  mlm loss {out['loss']:.4f}  perplexity {out['perplexity']:.2f}  accuracy {out['accuracy']:.4f}")
+        print(
+            f"{out['model']}{step}: {out['params'] / 1e6:.2f}M params, {args.split} split, "
+            f"{int(out['masked_tokens']):,} masked of {int(out['tokens']):,} tokens"
+        )
+        print(f"  mlm loss {out['loss']:.4f}  perplexity {out['perplexity']:.2f}", end="")
+        print(f"  accuracy {out['accuracy']:.4f}")
     return 0

@@ -43,17 +43,30 @@ def student_config_from_teacher(
     """
     if isinstance(teacher, BertConfig):
         fields = {
-            "vocab_size": teacher.vocab_size, "max_position_embeddings": teacher.max_position_embeddings,
-            "n_layers": n_layers, "n_heads": teacher.num_attention_heads, "dim": teacher.hidden_size,
-            "hidden_dim": teacher.intermediate_size, "dropout": teacher.hidden_dropout_prob,
-            "attention_dropout": teacher.attention_probs_dropout_prob, "activation": teacher.hidden_act,
-            "initializer_range": teacher.initializer_range, "pad_token_id": teacher.pad_token_id,
+            "vocab_size": teacher.vocab_size,
+            "max_position_embeddings": teacher.max_position_embeddings,
+            "n_layers": n_layers,
+            "n_heads": teacher.num_attention_heads,
+            "dim": teacher.hidden_size,
+            "hidden_dim": teacher.intermediate_size,
+            "dropout": teacher.hidden_dropout_prob,
+            "attention_dropout": teacher.attention_probs_dropout_prob,
+            "activation": teacher.hidden_act,
+            "initializer_range": teacher.initializer_range,
+            "pad_token_id": teacher.pad_token_id,
         }
     else:
         fields = {f.name: getattr(teacher, f.name) for f in dataclasses.fields(DistilBertConfig)}
         fields["n_layers"] = n_layers
-    shaped = {"vocab_size", "max_position_embeddings", "n_layers", "n_heads", "dim", "hidden_dim",
-              "sinusoidal_pos_embds"}
+    shaped = {
+        "vocab_size",
+        "max_position_embeddings",
+        "n_layers",
+        "n_heads",
+        "dim",
+        "hidden_dim",
+        "sinusoidal_pos_embds",
+    }
     for key, value in (overrides or {}).items():
         if key not in {f.name for f in dataclasses.fields(DistilBertConfig)}:
             raise UserError(f"student config field {key!r} is not a DistilBertConfig field; remove it")
@@ -167,16 +180,28 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True,
-                        help="teacher: Hugging Face dir, Flax model dir, jaxdistil run dir or hub id")
-    parser.add_argument("--layers", default=",".join(map(str, PAPER_LAYERS)),
-                        help="teacher layers to keep, comma-separated (default: the paper's 0,2,4,7,9,11)")
+    parser.add_argument(
+        "--teacher",
+        required=True,
+        help="teacher: Hugging Face dir, Flax model dir, jaxdistil run dir or hub id",
+    )
+    parser.add_argument(
+        "--layers",
+        default=",".join(map(str, PAPER_LAYERS)),
+        help="teacher layers to keep, comma-separated (default: the paper's 0,2,4,7,9,11)",
+    )
     parser.add_argument("--output", required=True, help="Flax model directory to write")
-    parser.add_argument("--no-vocab-transform", action="store_true",
-                        help="do not copy the MLM head's transform dense (random init instead)")
-    parser.add_argument("--no-fold-token-types", action="store_true",
-                        help="drop token_type_embeddings as the reference does instead of folding row 0 "
-                             "into the position embeddings")
+    parser.add_argument(
+        "--no-vocab-transform",
+        action="store_true",
+        help="do not copy the MLM head's transform dense (random init instead)",
+    )
+    parser.add_argument(
+        "--no-fold-token-types",
+        action="store_true",
+        help="drop token_type_embeddings as the reference does instead of folding row 0 "
+        "into the position embeddings",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the parts not copied")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
 
@@ -189,17 +214,34 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"output directory {out} exists and is not empty; choose another or pass --force")
     teacher = load_teacher(args.teacher, load_model)
     # load_model gives head-less checkpoints (BertModel) a placeholder head: do not copy it.
-    t_params = teacher.params if teacher.has_mlm_head else {k: v for k, v in teacher.params.items() if k != "mlm_head"}
+    t_params = (
+        teacher.params
+        if teacher.has_mlm_head
+        else {k: v for k, v in teacher.params.items() if k != "mlm_head"}
+    )
     cfg, params, notes = student_from_teacher(
-        teacher.config, t_params, parse_layers(args.layers),
-        vocab_transform=not args.no_vocab_transform, fold_token_types=not args.no_fold_token_types,
+        teacher.config,
+        t_params,
+        parse_layers(args.layers),
+        vocab_transform=not args.no_vocab_transform,
+        fold_token_types=not args.no_fold_token_types,
         seed=args.seed,
     )
-    save_flax_model(cfg, params, out, tokenizer_dir=teacher.tokenizer_dir, force=args.force,
-                    origin=f"init-student --teacher {args.teacher} --layers {args.layers}")
+    # A head drawn at random (teacher without one) is not a trained MLM head: say so in the directory.
+    save_flax_model(
+        cfg,
+        params,
+        out,
+        has_mlm_head=teacher.has_mlm_head,
+        tokenizer_dir=teacher.tokenizer_dir,
+        force=args.force,
+        origin=f"init-student --teacher {args.teacher} --layers {args.layers}",
+    )
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-    print(f"student: {cfg.n_layers} layers from teacher layers {args.layers}, {n_params / 1e6:.1f}M params "
-          f"-> {out}")
+    print(
+        f"student: {cfg.n_layers} layers from teacher layers {args.layers}, {n_params / 1e6:.1f}M params "
+        f"-> {out}"
+    )
     for note in notes:
         print(f"  note: {note}")
     return 0

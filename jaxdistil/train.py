@@ -51,9 +51,11 @@ MEAN_KEYS = ("loss", "loss_ce", "loss_mlm", "loss_cos", "loss_mse", "mlm_accurac
 
 
 def _shape_summary(model_cfg) -> str:
-    return (f"{type(model_cfg).__name__} {model_cfg.layers} layers x {model_cfg.hidden} hidden, "
-            f"{model_cfg.heads} heads, FFN {model_cfg.mlp}, vocab {model_cfg.vocab_size}, "
-            f"{model_cfg.max_position_embeddings} positions")
+    return (
+        f"{type(model_cfg).__name__} {model_cfg.layers} layers x {model_cfg.hidden} hidden, "
+        f"{model_cfg.heads} heads, FFN {model_cfg.mlp}, vocab {model_cfg.vocab_size}, "
+        f"{model_cfg.max_position_embeddings} positions"
+    )
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig, student_cfg) -> None:
@@ -63,8 +65,11 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, student_cfg) -> None:
     saved = run_dir / "student" / "config.json"
     if saved.is_file():
         old = load_config(saved)
-        shape = lambda c: (type(c).__name__, c.layers, c.hidden, c.heads, c.mlp, c.vocab_size,
-                           c.max_position_embeddings, c.token_types, c.sinusoidal)
+
+        def shape(c):
+            return (type(c).__name__, c.layers, c.hidden, c.heads, c.mlp, c.vocab_size,
+                    c.max_position_embeddings, c.token_types, c.sinusoidal)
+
         if shape(old) != shape(student_cfg):
             raise UserError(
                 f"run dir {run_dir} was made by another config (its student: {_shape_summary(old)}; this "
@@ -78,8 +83,11 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, student_cfg) -> None:
         after = _flatten(to_dict(cfg))
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         if changed:
-            print(f"note: resuming {run_dir} with changed settings: {', '.join(changed[:8])}"
-                  + (" ..." if len(changed) > 8 else ""), file=sys.stderr)
+            print(
+                f"note: resuming {run_dir} with changed settings: {', '.join(changed[:8])}"
+                + (" ..." if len(changed) > 8 else ""),
+                file=sys.stderr,
+            )
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -105,10 +113,15 @@ def load_teacher(cfg: RunConfig, manifest: dict):
 
     teacher = _load(cfg.teacher.model, load_model)
     tok_hash = tokenizer_hash_of_dir(teacher.tokenizer_dir) if teacher.tokenizer_dir else None
-    manifest_lib.check_vocab(manifest, teacher.config.vocab_size, tok_hash, what=f"the teacher {cfg.teacher.model}")
+    manifest_lib.check_vocab(
+        manifest, teacher.config.vocab_size, tok_hash, what=f"the teacher {cfg.teacher.model}"
+    )
     if not teacher.has_mlm_head and cfg.loss.alpha_ce > 0:
-        print(f"warning: the teacher {cfg.teacher.model} has no MLM head (encoder-only checkpoint); its "
-              "logits are meaningless, so L_ce teaches noise: set loss.alpha_ce=0", file=sys.stderr)
+        print(
+            f"warning: the teacher {cfg.teacher.model} has no MLM head (encoder-only checkpoint); its "
+            "logits are meaningless, so L_ce teaches noise: set loss.alpha_ce=0",
+            file=sys.stderr,
+        )
     return teacher
 
 
@@ -125,8 +138,10 @@ def student_config(cfg: RunConfig, teacher, manifest: dict):
     vocab = int(manifest["tokenizer"]["vocab_size"])
     if s.init == "teacher":
         if teacher is None:
-            raise UserError("student.init=teacher needs a teacher (teacher.model); set student.init=random for "
-                            "MLM-only training")
+            raise UserError(
+                "student.init=teacher needs a teacher (teacher.model); set student.init=random for "
+                "MLM-only training"
+            )
         from jaxdistil.init_student import check_layers, student_config_from_teacher, student_from_teacher
 
         # The config now (cheap); the params only when there is no checkpoint to resume from.
@@ -135,15 +150,25 @@ def student_config(cfg: RunConfig, teacher, manifest: dict):
 
         def make_params():
             _, params, notes = student_from_teacher(
-                teacher.config, teacher.params if teacher.has_mlm_head else
-                {k: v for k, v in teacher.params.items() if k != "mlm_head"},
-                layers, vocab_transform=s.vocab_transform, fold_token_types=s.fold_token_types,
-                seed=cfg.train.seed, overrides=s.config)
+                teacher.config,
+                teacher.params
+                if teacher.has_mlm_head
+                else {k: v for k, v in teacher.params.items() if k != "mlm_head"},
+                layers,
+                vocab_transform=s.vocab_transform,
+                fold_token_types=s.fold_token_types,
+                seed=cfg.train.seed,
+                overrides=s.config,
+            )
             return params, f"teacher layers {list(layers)}" + "".join(f"; {n}" for n in notes)
 
         return model_cfg, make_params
     if s.init == "random":
-        fields = {"vocab_size": vocab, "pad_token_id": int(manifest["tokenizer"]["special_ids"]["pad"]), **s.config}
+        fields = {
+            "vocab_size": vocab,
+            "pad_token_id": int(manifest["tokenizer"]["special_ids"]["pad"]),
+            **s.config,
+        }
         try:
             model_cfg = config_from_hf_dict({"model_type": s.model_type, **fields}, "student.config")
         except ConfigError as err:
@@ -179,13 +204,15 @@ def abstract_train_state(model, optimizer, mesh, rules, seed: int):
     def boxed_state(rng):
         init_key, state_key = jax.random.split(rng)
         boxed = model.init(init_key, ids)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=optimizer.init(boxed),
-                          rng=state_key)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=boxed, opt_state=optimizer.init(boxed), rng=state_key
+        )
 
     boxed = jax.eval_shape(boxed_state, jax.random.PRNGKey(seed))
     shardings = shd.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            nn.unbox(boxed), shardings)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
     return abstract, shardings
 
 
@@ -238,8 +265,11 @@ class MetricsWriter:
             return
         if resume_step is not None and self.path.is_file():
             # Lines past the checkpoint belong to steps that are about to be redone.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -247,14 +277,20 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+            self.tb = SummaryWriter(
+                str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
+            )
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
-        record.update({k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
-                       for k, v in values.items()})
+        record.update(
+            {
+                k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+                for k, v in values.items()
+            }
+        )
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -292,7 +328,8 @@ class StopSignal:
                 # SIGTERM belongs to jax.distributed's notifier: every process stops at one agreed step
                 # (distributed.agreed_stop); Ctrl-C is passed on to it as a SIGTERM.
                 self._old[signal.SIGINT] = signal.signal(
-                    signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+                    signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM)
+                )
                 return self
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -372,22 +409,33 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
     teacher = load_teacher(cfg, manifest)
     student_cfg, initial_params = student_config(cfg, teacher, manifest)
     if student_cfg.vocab_size != int(manifest["tokenizer"]["vocab_size"]):
-        raise UserError(f"the student's vocabulary ({student_cfg.vocab_size}) differs from the data's "
-                        f"({manifest['tokenizer']['vocab_size']}); drop student.config.vocab_size")
+        raise UserError(
+            f"the student's vocabulary ({student_cfg.vocab_size}) differs from the data's "
+            f"({manifest['tokenizer']['vocab_size']}); drop student.config.vocab_size"
+        )
     if cfg.loader.max_len > student_cfg.max_position_embeddings:
-        raise UserError(f"loader.max_len {cfg.loader.max_len} exceeds the student's "
-                        f"{student_cfg.max_position_embeddings} positions; lower loader.max_len")
+        raise UserError(
+            f"loader.max_len {cfg.loader.max_len} exceeds the student's "
+            f"{student_cfg.max_position_embeddings} positions; lower loader.max_len"
+        )
     check_run_dir(run_dir, cfg, student_cfg)
 
     # ---- 4. mesh and optimizer
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.make_rules(cfg.mesh.rules)
-    shd.check_batch(cfg.loader.batch_size * distributed.num_data_shards(cfg.distributed), mesh,
-                    cfg.optim.grad_accum_steps)
+    shd.check_batch(
+        cfg.loader.batch_size * distributed.num_data_shards(cfg.distributed), mesh, cfg.optim.grad_accum_steps
+    )
     total_steps = total_steps_for(cfg, manifest)
     optim_cfg = dataclasses.replace(cfg.optim, total_steps=total_steps)
-    step_cfg = step_lib.StepConfig(loss=cfg.loss, masking=cfg.masking, optim=optim_cfg, mask_id=int(special["mask"]),
-                                   dtype=cfg.train.dtype, remat=cfg.train.remat)
+    step_cfg = step_lib.StepConfig(
+        loss=cfg.loss,
+        masking=cfg.masking,
+        optim=optim_cfg,
+        mask_id=int(special["mask"]),
+        dtype=cfg.train.dtype,
+        remat=cfg.train.remat,
+    )
     student, teacher_model = step_lib.build_models(step_cfg, student_cfg, teacher.config if teacher else None)
     optimizer, schedule = optim_lib.make_optimizer(optim_cfg, model_cfg=student_cfg)
 
@@ -397,14 +445,18 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
     restored = ckpt.restore(abstract.params, abstract.opt_state) if ckpt.all_steps() else None
     if restored is not None:
         state = step_lib.TrainState(
-            step=jax.device_put(np.int32(restored.step), shardings.step), params=restored.params,
-            opt_state=restored.opt_state, rng=jax.device_put(restored.rng, shardings.rng))
+            step=jax.device_put(np.int32(restored.step), shardings.step),
+            params=restored.params,
+            opt_state=restored.opt_state,
+            rng=jax.device_put(restored.rng, shardings.rng),
+        )
         say(f"resumed {run_dir} from step {restored.step}")
     else:
         params, origin = initial_params() if initial_params else (None, "random init")
-        state, _ = step_lib.init_train_state(student, jax.random.PRNGKey(cfg.train.seed), optimizer, mesh, rules,
-                                             params=params)
-        say(f"student: {_shape_summary(student_cfg)}, from {origin}")
+        state, _ = step_lib.init_train_state(
+            student, jax.random.PRNGKey(cfg.train.seed), optimizer, mesh, rules, params=params
+        )
+        say(f"model: {_shape_summary(student_cfg)}, from {origin}")
     start_step = int(restored.step) if restored else 0
     teacher_params = teacher_shardings = None
     if teacher is not None:
@@ -416,8 +468,10 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
         (run_dir / "tokenizer").mkdir(exist_ok=True)
         copy_tokenizer_files(manifest_lib.tokenizer_dir(manifest), run_dir / "tokenizer")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    say(f"{n_params / 1e6:.2f}M student params; mesh {dict(mesh.shape)}; {total_steps} steps of "
-        f"{cfg.loader.batch_size * distributed.num_data_shards(cfg.distributed)} sequences; run dir {run_dir}")
+    say(
+        f"{n_params / 1e6:.2f}M student params; mesh {dict(mesh.shape)}; {total_steps} steps of "
+        f"{cfg.loader.batch_size * distributed.num_data_shards(cfg.distributed)} sequences; run dir {run_dir}"
+    )
 
     # ---- data iterators (after the state: a resumed run continues the saved iterator)
     # Global batch = one loader batch from each of the data shards; this process reads the shards
@@ -426,41 +480,74 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
     pad_values = {"input_ids": int(special["pad"])}
     train_iter = distributed.ShardedBatches(
         lambda i, n: loader_lib.make_loader(manifest, "train", cfg.loader, shard_index=i, shard_count=n),
-        data_shards, cfg.loader.batch_size, shd.batch_sharding(mesh), pad_values)
+        data_shards,
+        cfg.loader.batch_size,
+        shd.batch_sharding(mesh),
+        pad_values,
+    )
     if restored is not None and restored.data_state is not None:
         train_iter.set_state(restored.data_state)
     has_eval = "validation" in manifest["splits"] and cfg.train.eval_every >= 0
-    # group_window=1: held-out batches in file order, so the first train.eval_batches of them are a
-    # fair sample (length grouping would put the shortest, hardest-to-predict sequences first).
-    eval_loader_cfg = dataclasses.replace(cfg.loader, prefetch=0, group_window=1)
+    # Held-out batches as `jaxdistil evaluate` makes them (same masks, same numbers): unpacked rows
+    # padded to max_len, in file order, so the first train.eval_batches of them are a fair sample
+    # (length grouping would put the shortest, hardest-to-predict sequences first).
+    eval_loader_cfg = dataclasses.replace(
+        cfg.loader, packed=False, buckets=(cfg.loader.max_len,), group_window=1, prefetch=0
+    )
 
     # ---- 6. step functions
-    train_step = step_lib.make_train_step(student, teacher_model, step_cfg, optimizer, schedule, mesh, rules,
-                                          shardings, teacher_shardings)
-    eval_cfg = dataclasses.replace(step_cfg, masking=eval_masking())  # the standard metric, not the run's masking
+    train_step = step_lib.make_train_step(
+        student, teacher_model, step_cfg, optimizer, schedule, mesh, rules, shardings, teacher_shardings
+    )
+    eval_cfg = dataclasses.replace(
+        step_cfg, masking=eval_masking()
+    )  # the standard metric, not the run's masking
     eval_student = step_lib.make_eval_step(student, eval_cfg, mesh, rules, shardings.params)
-    eval_teacher = (step_lib.make_eval_step(teacher_model, eval_cfg, mesh, rules, teacher_shardings)
-                    if teacher is not None and teacher.has_mlm_head else None)
+    eval_teacher = (
+        step_lib.make_eval_step(teacher_model, eval_cfg, mesh, rules, teacher_shardings)
+        if teacher is not None and teacher.has_mlm_head
+        else None
+    )
     token_weights = jax.device_put(token_weights_np, shd.replicated(mesh))
     eval_weights = jax.device_put(eval_token_weights(manifest), shd.replicated(mesh))
 
     def evaluate(params, eval_step) -> dict[str, float]:
         batches = distributed.ShardedBatches(
             lambda i, n: loader_lib.eval_batches(manifest, eval_loader_cfg, shard_index=i, shard_count=n),
-            data_shards, eval_loader_cfg.batch_size, shd.batch_sharding(mesh), pad_values)
-        return evaluate_params(eval_step, params, batches, eval_weights, lambda b: shd.shard_batch(b, mesh),
-                               cfg.train.eval_batches)
+            data_shards,
+            eval_loader_cfg.batch_size,
+            shd.batch_sharding(mesh),
+            pad_values,
+        )
+        return evaluate_params(
+            eval_step,
+            params,
+            batches,
+            eval_weights,
+            lambda b: shd.shard_batch(b, mesh),
+            cfg.train.eval_batches,
+        )
 
     # ---- 7. loop
-    peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else measure_peak_flops(step_cfg.compute_dtype)
+    peak = (
+        cfg.logging.peak_tflops * 1e12
+        if cfg.logging.peak_tflops
+        else measure_peak_flops(step_cfg.compute_dtype)
+    )
     peak *= jax.device_count()
     metrics_out = MetricsWriter(run_dir, cfg.logging.tensorboard, start_step if restored else None, writer)
     bar = None
     if writer and cfg.logging.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   desc="train")
+        bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            desc="train",
+        )
     teacher_eval: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     last_train: dict[str, float] = {}
@@ -487,7 +574,9 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
         last_train = out
         metrics_out.write(step, "train", out)
         if bar is not None:
-            bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{out.get('tokens_per_s', 0):.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{out['loss']:.4f}", tok_s=f"{out.get('tokens_per_s', 0):.0f}", refresh=False
+            )
         pending = []
         interval.update(tokens=0.0, flops=0.0, start=time.perf_counter())
 
@@ -496,13 +585,23 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
         values = {}
         if eval_teacher is not None and not teacher_eval:
             teacher_eval = evaluate(teacher_params, eval_teacher)
-            values.update({f"teacher_{k}": v for k, v in teacher_eval.items() if k in ("loss", "perplexity", "accuracy")})
+            values.update(
+                {
+                    f"teacher_{k}": v
+                    for k, v in teacher_eval.items()
+                    if k in ("loss", "perplexity", "accuracy")
+                }
+            )
         last_eval = evaluate(state.params, eval_student)
-        values.update({f"student_{k}": v for k, v in last_eval.items() if k in ("loss", "perplexity", "accuracy")})
+        values.update(
+            {f"student_{k}": v for k, v in last_eval.items() if k in ("loss", "perplexity", "accuracy")}
+        )
         metrics_out.write(step, "eval", values)
-        say(f"step {step}: held-out MLM loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f}, "
-            f"accuracy {last_eval['accuracy']:.4f}"
-            + (f" (teacher {teacher_eval['accuracy']:.4f})" if teacher_eval else ""))
+        say(
+            f"step {step}: held-out MLM loss {last_eval['loss']:.4f}, "
+            f"perplexity {last_eval['perplexity']:.2f}, accuracy {last_eval['accuracy']:.4f}"
+            + (f" (teacher {teacher_eval['accuracy']:.4f})" if teacher_eval else "")
+        )
         interval.update(tokens=0.0, flops=0.0, start=time.perf_counter())
         return last_eval
 
@@ -515,7 +614,8 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
                 try:
                     host_batch = next(train_iter)
                 except StopIteration:
-                    say(f"the training data ran out after {step} steps (loader.num_epochs={cfg.loader.num_epochs})")
+                    say(f"the training data ran out after {step} steps "
+                        f"(loader.num_epochs={cfg.loader.num_epochs})")
                     break
                 batch = shd.shard_batch(host_batch, mesh)
                 with jax.transfer_guard("disallow"):  # any implicit host<->device copy is a bug
@@ -533,23 +633,44 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
                     interval.update(tokens=0.0, flops=0.0, start=time.perf_counter())
                 else:
                     interval["tokens"] += float(np.sum(host_batch["attention_mask"])) * jax.process_count()
-                    interval["flops"] += b * t * (
-                        model_flops_per_token(student_cfg, t, True)
-                        + (model_flops_per_token(teacher.config, t, False) if teacher is not None else 0.0))
+                    interval["flops"] += (
+                        b
+                        * t
+                        * (
+                            model_flops_per_token(student_cfg, t, True)
+                            + (
+                                model_flops_per_token(teacher.config, t, False)
+                                if teacher is not None
+                                else 0.0
+                            )
+                        )
+                    )
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     flush_logs(step)
                 evaluated = False
-                if has_eval and (step == total_steps or cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0):
+                if has_eval and (
+                    step == total_steps or cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0
+                ):
                     flush_logs(step)
                     run_eval(step)
                     evaluated = True
                 every = cfg.checkpoint.every
-                if (every and step % every == 0) or step == total_steps or stop.signum is not None or (
-                        evaluated and cfg.checkpoint.keep_best):
-                    ckpt.save(step, state.params, state.opt_state, state.rng, train_iter.get_state(),
-                              eval_loss=last_eval["loss"] if evaluated else None)
+                if (
+                    (every and step % every == 0)
+                    or step == total_steps
+                    or stop.signum is not None
+                    or (evaluated and cfg.checkpoint.keep_best)
+                ):
+                    ckpt.save(
+                        step,
+                        state.params,
+                        state.opt_state,
+                        state.rng,
+                        train_iter.get_state(),
+                        eval_loss=last_eval["loss"] if evaluated else None,
+                    )
             flush_logs(step)
             if stop.signum is not None:
                 ckpt.save(step, state.params, state.opt_state, state.rng, train_iter.get_state())
@@ -560,8 +681,9 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
             bar.close()
         ckpt.close()
         metrics_out.close()
-    return TrainResult(run_dir, step, total_steps, stop.signum, last_train, last_eval, teacher_eval, student_cfg,
-                       state)
+    return TrainResult(
+        run_dir, step, total_steps, stop.signum, last_train, last_eval, teacher_eval, student_cfg, state
+    )
 
 
 # --------------------------------------------------------------------------- command line
@@ -569,8 +691,12 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted paths, e.g. train.steps=100 optim.learning_rate=1e-4")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides with dotted paths, e.g. train.steps=100 optim.learning_rate=1e-4",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,8 +26,10 @@ def _state(mesh, scale=1.0):
     """Toy params [16, 8] (split over data on axis 0) + an optimizer-like state."""
     split = NamedSharding(mesh, P(mesh.axis_names[0]))
     rep = NamedSharding(mesh, P())
-    params = {"w": jax.device_put(scale * jnp.arange(128.0).reshape(16, 8), split),
-              "b": jax.device_put(jnp.full((8,), scale), rep)}
+    params = {
+        "w": jax.device_put(scale * jnp.arange(128.0).reshape(16, 8), split),
+        "b": jax.device_put(jnp.full((8,), scale), rep),
+    }
     opt = {"mu": jax.tree.map(lambda x: x * 0.5, params), "count": jax.device_put(jnp.int32(7), rep)}
     return params, opt
 
@@ -42,7 +44,9 @@ def test_save_restore_and_what_is_kept(tmp_path):
     for step in range(1, 6):
         params, opt = _state(mesh, scale=float(step))
         loss = {2: 0.5, 4: 0.9}.get(step)  # step 2 is the best evaluated one
-        assert ckpt.save(step, params, opt, jax.random.PRNGKey(step), data_state={"pos": step}, eval_loss=loss)
+        assert ckpt.save(
+            step, params, opt, jax.random.PRNGKey(step), data_state={"pos": step}, eval_loss=loss
+        )
     assert not ckpt.save(5, params, opt, jax.random.PRNGKey(5))  # a step is never overwritten
     ckpt.wait()
     assert ckpt.all_steps() == [2, 4, 5]  # latest 2, plus the best by eval loss
@@ -69,8 +73,9 @@ def test_restore_onto_another_mesh(tmp_path):
     split = NamedSharding(mesh2, P("fsdp", "tensor"))
     rep = NamedSharding(mesh2, P())
     p_sh = {"w": split, "b": rep}
-    restored = RunCheckpointer(tmp_path).restore(_abstract(params, p_sh),
-                                                 _abstract(opt, {"mu": p_sh, "count": rep}))
+    restored = RunCheckpointer(tmp_path).restore(
+        _abstract(params, p_sh), _abstract(opt, {"mu": p_sh, "count": rep})
+    )
     w = restored.params["w"]
     assert w.sharding == split and w.addressable_shards[0].data.shape == (4, 4)
     np.testing.assert_array_equal(np.asarray(w), np.asarray(params["w"]))
@@ -99,7 +104,11 @@ def test_corrupt_and_half_written_checkpoints(tmp_path, capsys):
     restored = ckpt.restore(*abstract)
     assert restored.step == 2
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "step 3 is unreadable" in warnings[0] and "falling back to step 2" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "step 3 is unreadable" in warnings[0]
+        and "falling back to step 2" in warnings[0]
+    )
     assert ckpt.all_steps() == [1, 2] and len(list((tmp_path / "checkpoints-corrupt").iterdir())) == 1
     # Saving step 3 again works (the corrupt one was moved aside, not left in the way).
     assert ckpt.save(3, params, opt, jax.random.PRNGKey(3))
@@ -120,8 +129,10 @@ def test_shape_mismatch_is_a_user_error_not_a_fallback(tmp_path):
     ckpt.save(2, params, opt, jax.random.PRNGKey(0))
     ckpt.wait()
     rep = NamedSharding(_mesh((8,), ("data",)), P())
-    bigger = {"w": jax.ShapeDtypeStruct((16, 9), jnp.float32, sharding=rep),
-              "b": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=rep)}
+    bigger = {
+        "w": jax.ShapeDtypeStruct((16, 9), jnp.float32, sharding=rep),
+        "b": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=rep),
+    }
     opt_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), opt)
     with pytest.raises(UserError, match=r"different model.*params/w: stored \(16, 8\) vs expected \(16, 9\)"):
         ckpt.restore(bigger, opt_abs)
@@ -130,7 +141,9 @@ def test_shape_mismatch_is_a_user_error_not_a_fallback(tmp_path):
 
 
 def test_restore_params(tmp_path):
-    cfg = DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=16)
+    cfg = DistilBertConfig(
+        vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=16
+    )
     shapes = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
     params = [jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes) for _ in range(2)]

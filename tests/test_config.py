@@ -32,7 +32,12 @@ def test_paper_recipe():
     cfg = load_run_config(CONFIGS / "distilbert-base-uncased.yaml")
     assert cfg.teacher.model == "bert-base-uncased"
     assert cfg.student.init == "teacher" and cfg.student.layers == (0, 2, 4, 7, 9, 11)
-    assert (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos, cfg.loss.temperature) == (5.0, 2.0, 1.0, 2.0)
+    assert (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos, cfg.loss.temperature) == (
+        5.0,
+        2.0,
+        1.0,
+        2.0,
+    )
     assert (cfg.optim.learning_rate, cfg.optim.warmup_prop, cfg.optim.max_grad_norm) == (5e-4, 0.05, 5.0)
     assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps, cfg.optim.weight_decay) == (0.9, 0.98, 1e-6, 0.0)
     assert cfg.train.epochs == 3 and cfg.train.steps == 0 and cfg.train.seed == 56
@@ -41,11 +46,21 @@ def test_paper_recipe():
 
 
 def test_overrides_and_types():
-    cfg = config_from_dict({}, [
-        "train.steps=20", "optim.learning_rate=5e-4", "student.layers=0,3", "teacher.model=null",
-        "loader.buckets=[16, 32]", "mesh.rules=mlp=tensor", "distributed=none", "student.config.dim=64",
-        "loss.chunk_rows=null", "train.epochs=1",
-    ])
+    cfg = config_from_dict(
+        {},
+        [
+            "train.steps=20",
+            "optim.learning_rate=5e-4",
+            "student.layers=0,3",
+            "teacher.model=null",
+            "loader.buckets=[16, 32]",
+            "mesh.rules=mlp=tensor",
+            "distributed=none",
+            "student.config.dim=64",
+            "loss.chunk_rows=null",
+            "train.epochs=1",
+        ],
+    )
     assert cfg.train.steps == 20 and cfg.optim.learning_rate == 5e-4  # "5e-4" is a string to PyYAML
     assert cfg.student.layers == (0, 3) and cfg.teacher.model is None
     assert cfg.loader.buckets == (16, 32) and cfg.mesh.rules == ("mlp=tensor",)
@@ -57,18 +72,22 @@ def test_overrides_and_types():
     assert to_dict(cfg)["student"]["layers"] == [0, 2, 4, 7, 9, 11]
 
 
-@pytest.mark.parametrize("data, overrides, key", [
-    ({"train": {"stepz": 1}}, [], "train.stepz"),
-    ({"trian": {}}, [], "trian"),
-    ({}, ["optim.lr=0.1"], "optim.lr"),
-    ({"student": {"config": {"dimm": 3}}}, [], "student.config.dimm"),
-    ({"train": {"steps": "ten"}}, [], "train.steps"),
-    ({"train": {"steps": True}}, [], "train.steps"),
-    ({"student": {"layers": ["a"]}}, [], "student.layers"),
-    ({"loader": {"shuffle": "yes"}}, [], "loader.shuffle"),
-    ({"train": 3}, [], "train"),
-    ({}, ["train.steps.x=1"], "train.steps"),
-])
+@pytest.mark.parametrize(
+    "data, overrides, key",
+    [
+        ({"train": {"stepz": 1}}, [], "train.stepz"),
+        ({"trian": {}}, [], "trian"),
+        ({}, ["optim.lr=0.1"], "optim.lr"),
+        ({"student": {"config": {"dimm": 3}}}, [], "student.config.dimm"),
+        ({}, ["student.config.dropout=high"], "student.config.dropout"),
+        ({"train": {"steps": "ten"}}, [], "train.steps"),
+        ({"train": {"steps": True}}, [], "train.steps"),
+        ({"student": {"layers": ["a"]}}, [], "student.layers"),
+        ({"loader": {"shuffle": "yes"}}, [], "loader.shuffle"),
+        ({"train": 3}, [], "train"),
+        ({}, ["train.steps.x=1"], "train.steps"),
+    ],
+)
 def test_errors_name_the_key(data, overrides, key):
     with pytest.raises(UserError) as err:
         config_from_dict(data, overrides)

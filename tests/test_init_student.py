@@ -15,8 +15,14 @@ from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_par
 
 
 def tiny_bert(layers: int, **kw) -> BertConfig:
-    fields = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 4,
-              "intermediate_size": 48, "max_position_embeddings": 40}
+    fields = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "intermediate_size": 48,
+        "max_position_embeddings": 40,
+    }
     fields.update(kw)
     return BertConfig(**fields)
 
@@ -38,8 +44,9 @@ def test_paper_layers_map_teacher_tensors(fold):
     assert isinstance(cfg, DistilBertConfig)
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.hidden_dim, cfg.vocab_size) == (6, 32, 4, 48, 97)
     assert "token_type_embeddings" not in s["embeddings"]
-    np.testing.assert_array_equal(s["embeddings"]["word_embeddings"]["embedding"],
-                                  t["embeddings"]["word_embeddings"]["embedding"])
+    np.testing.assert_array_equal(
+        s["embeddings"]["word_embeddings"]["embedding"], t["embeddings"]["word_embeddings"]["embedding"]
+    )
     pos = t["embeddings"]["position_embeddings"]["embedding"]
     if fold:
         pos = pos + t["embeddings"]["token_type_embeddings"]["embedding"][0]
@@ -59,8 +66,9 @@ def test_paper_layers_map_teacher_tensors(fold):
     # The student's tree is exactly that of a DistilBERT of this config.
     fresh = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(1)))
     assert jax.tree.structure(fresh) == jax.tree.structure(s)
-    assert all(a.shape == b.shape and a.dtype == b.dtype
-               for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(s)))
+    assert all(
+        a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(s))
+    )
     assert any("token_type" in n for n in notes)
 
 
@@ -103,9 +111,13 @@ def test_options_and_errors():
     tcfg = tiny_bert(4)
     t = random_params(tcfg)
     _, s, notes = student_from_teacher(tcfg, t, [3, 0], vocab_transform=False)
-    np.testing.assert_array_equal(s["encoder"]["layers"]["lin1"]["kernel"][0], t["encoder"]["layers"]["lin1"]["kernel"][3])
+    np.testing.assert_array_equal(
+        s["encoder"]["layers"]["lin1"]["kernel"][0], t["encoder"]["layers"]["lin1"]["kernel"][3]
+    )
     assert not np.array_equal(s["mlm_head"]["transform"]["kernel"], t["mlm_head"]["transform"]["kernel"])
-    np.testing.assert_array_equal(s["mlm_head"]["transform_norm"]["scale"], t["mlm_head"]["transform_norm"]["scale"])
+    np.testing.assert_array_equal(
+        s["mlm_head"]["transform_norm"]["scale"], t["mlm_head"]["transform_norm"]["scale"]
+    )
     assert any("vocab transform" in n for n in notes)
 
     # A teacher without MLM head (BertModel checkpoint): the head stays random, and says so.
@@ -129,20 +141,42 @@ def test_cli_writes_flax_model_dir(tmp_path, capsys):
     t = random_params(tcfg)
     save_flax_model(tcfg, t, tmp_path / "teacher")
     out = tmp_path / "student"
-    rc = cli.main(["init-student", "--teacher", str(tmp_path / "teacher"), "--layers", "1,3", "--output", str(out)])
+    rc = cli.main(
+        ["init-student", "--teacher", str(tmp_path / "teacher"), "--layers", "1,3", "--output", str(out)]
+    )
     assert rc == 0
     loaded = load_model(str(out))
     cfg, s = loaded.config, loaded.params
     assert isinstance(cfg, DistilBertConfig) and cfg.n_layers == 2
-    np.testing.assert_array_equal(s["encoder"]["layers"]["q_lin"]["kernel"][1], t["encoder"]["layers"]["q_lin"]["kernel"][3])
+    np.testing.assert_array_equal(
+        s["encoder"]["layers"]["q_lin"]["kernel"][1], t["encoder"]["layers"]["q_lin"]["kernel"][3]
+    )
 
     # Errors: one line, exit code 2.
-    assert cli.main(["init-student", "--teacher", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(["init-student", "--teacher", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "does not exist" in err[0]
-    assert cli.main(["init-student", "--teacher", str(tmp_path / "teacher"), "--layers", "0,9",
-                     "--output", str(tmp_path / "y")]) == 2
+    assert (
+        cli.main(
+            [
+                "init-student",
+                "--teacher",
+                str(tmp_path / "teacher"),
+                "--layers",
+                "0,9",
+                "--output",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
     assert "do not exist" in capsys.readouterr().err
-    assert cli.main(["init-student", "--teacher", str(tmp_path / "teacher"), "--layers", "0",
-                     "--output", str(out)]) == 2
+    assert (
+        cli.main(
+            ["init-student", "--teacher", str(tmp_path / "teacher"), "--layers", "0", "--output", str(out)]
+        )
+        == 2
+    )
     assert "not empty" in capsys.readouterr().err

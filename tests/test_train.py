@@ -1,7 +1,7 @@
 """Training runs (jaxdistil.train): exact resume after SIGKILL, restore onto another mesh, SIGTERM,
 run-dir checks, the files a run writes, and the command's one-line errors.
 
-One tiny distillation run (``ref_run``: 2-layer BERT teacher, 1-layer student from its layer 1, 8
+One tiny distillation run (``ref_run``: 2-layer BERT teacher, 1-layer student from its layer 1, 12
 steps, 8 CPU devices) is the reference every other test compares with. All runs share JAX's
 persistent compilation cache (the subprocess too), so each distinct step compiles once; the
 exact-resume test thereby also shows that a cached executable keeps losses bit-exact.
@@ -31,7 +31,7 @@ from jaxdistil.config import config_from_dict, dump_run_config, load_run_config
 from jaxdistil.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 8
+STEPS = 12
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -43,9 +43,14 @@ def compile_cache(tmp_path_factory):
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     path = tmp_path_factory.mktemp("xla-cache")
-    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
-                                                  "jax_persistent_cache_min_compile_time_secs",
-                                                  "jax_persistent_cache_min_entry_size_bytes")}
+    saved = {
+        k: getattr(jax.config, k)
+        for k in (
+            "jax_compilation_cache_dir",
+            "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes",
+        )
+    }
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -63,13 +68,23 @@ def data_dir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
-    words = ("the a of to and in is it that for on with as was by this be are from at or an have not "
-             "which but all can one were their there has more will its also").split()
+    words = (
+        "the a of to and in is it that for on with as was by this be are from at or an have not "
+        "which but all can one were their there has more will its also"
+    ).split()
     words += [f"{c}{v}{d}" for c in "bcdfglmnprst" for v in "aeiou" for d in "nr"]
     text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(14, 40))) for _ in range(400))
     (root / "corpus.txt").write_text(text + "\n")
-    prepare([str(root / "corpus.txt")], "train:300", root / "data", max_len=32, holdout=0.1, workers=1,
-            progress=False, log=lambda *a: None)
+    prepare(
+        [str(root / "corpus.txt")],
+        "train:300",
+        root / "data",
+        max_len=32,
+        holdout=0.1,
+        workers=1,
+        progress=False,
+        log=lambda *a: None,
+    )
     return root / "data"
 
 
@@ -81,8 +96,14 @@ def teacher_dir(tmp_path_factory, data_dir) -> Path:
     from jaxdistil.models import BertConfig, build_model, init_params
 
     manifest = load_manifest(data_dir)
-    cfg = BertConfig(vocab_size=manifest["tokenizer"]["vocab_size"], hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=manifest["tokenizer"]["vocab_size"],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     shapes = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), shapes)
@@ -122,8 +143,14 @@ def ref_run(tmp_path_factory, data_dir, teacher_dir):
     raw = base_config(root / "ref", data_dir, teacher_dir)
     cfg = config_from_dict(raw)
     result = train(cfg, log=lambda *a: None)
-    return {"raw": raw, "cfg": cfg, "result": result, "dir": root / "ref", "losses": losses(root / "ref"),
-            "root": root}
+    return {
+        "raw": raw,
+        "cfg": cfg,
+        "result": result,
+        "dir": root / "ref",
+        "losses": losses(root / "ref"),
+        "root": root,
+    }
 
 
 def _with(raw: dict, run_dir: Path, **sections) -> dict:
@@ -149,11 +176,11 @@ def test_reference_run_writes_everything(ref_run):
     assert "tokens_per_s" in train_rec[-1] and "mfu" in train_rec[-1]
     assert train_rec[-1]["loss_ce"] > 0 and train_rec[-1]["loss_cos"] > 0  # the triple loss is on
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [0, 4, 8]  # 0: the student as copied from the teacher
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]  # 0: the student as copied from the teacher
     assert "teacher_accuracy" in evals[0] and all("teacher_accuracy" not in r for r in evals[1:])  # once
     for r in evals:
         assert np.isclose(r["student_perplexity"], np.exp(r["student_loss"]))
-    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 6, 8]
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == list(range(2, STEPS + 1, 2))
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((run / "student" / "config.json").read_text())["n_layers"] == 1
@@ -164,7 +191,11 @@ def test_reference_run_writes_everything(ref_run):
     from jaxdistil.checkpoint import restore_params
 
     step, cfg, params = restore_params(run)
-    assert step == STEPS and cfg.n_layers == 1 and params["encoder"]["layers"]["lin1"]["kernel"].shape == (1, 32, 64)
+    assert (
+        step == STEPS
+        and cfg.n_layers == 1
+        and params["encoder"]["layers"]["lin1"]["kernel"].shape == (1, 32, 64)
+    )
 
 
 def test_exact_resume_after_sigkill(ref_run, tmp_path):
@@ -172,12 +203,22 @@ def test_exact_resume_after_sigkill(ref_run, tmp_path):
     run = tmp_path / "killed"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_with(ref_run["raw"], run)))
-    kill_after = random.Random(time.time_ns()).randint(3, STEPS - 1)
+    # Early enough that several steps, saves and an evaluation remain when the signal lands.
+    kill_after = random.Random(time.time_ns()).randint(3, STEPS - 5)
     print(f"killing after step {kill_after}")
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    proc = subprocess.Popen([sys.executable, "-m", "jaxdistil.cli", "train", "--config", str(config)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxdistil.cli", "train", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
@@ -187,7 +228,7 @@ def test_exact_resume_after_sigkill(ref_run, tmp_path):
             complete = [p for p in (run / "checkpoints").glob("*") if p.name.isdigit()]
             if done and max(done) >= kill_after and complete:
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)
         else:
             pytest.fail("the subprocess did not reach the kill step in time")
     finally:
@@ -212,10 +253,10 @@ def test_exact_resume_after_sigkill(ref_run, tmp_path):
 
 
 def test_restore_onto_another_mesh(ref_run, tmp_path):
-    """Saved with data=8, resumed with fsdp=4 x tensor=2: the remaining losses match within 1e-5."""
+    """Saved with data=8 at step 4, resumed with fsdp=4 x tensor=2: the remaining losses match within 1e-5."""
     run = tmp_path / "remesh"
     shutil.copytree(ref_run["dir"], run)
-    for step in (6, 8):
+    for step in range(6, STEPS + 1, 2):
         shutil.rmtree(run / "checkpoints" / str(step))
     raw = _with(ref_run["raw"], run, mesh={"data": 1, "fsdp": 4, "tensor": 2}, train={"eval_every": -1})
     messages = []
@@ -254,17 +295,17 @@ def test_sigterm_saves_then_resume_is_exact(ref_run, tmp_path):
 def test_corrupt_latest_checkpoint_falls_back(ref_run, tmp_path, capsys):
     run = tmp_path / "corrupt"
     shutil.copytree(ref_run["dir"], run)
-    for f in (run / "checkpoints" / "8" / "params").rglob("*"):
+    for f in (run / "checkpoints" / str(STEPS) / "params").rglob("*"):
         if f.is_file():
             f.write_bytes(b"not a checkpoint")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_with(ref_run["raw"], run, train={"eval_every": -1})))
     assert cli.main(["train", "--config", str(config)]) == 0
     err = capsys.readouterr().err
-    warning = [line for line in err.splitlines() if line.startswith("warning: checkpoint step 8")]
-    assert len(warning) == 1 and "falling back to step 6" in warning[0], err
-    assert losses(run) == ref_run["losses"]  # steps 7 and 8 redone, identically
-    assert (run / "checkpoints-corrupt").is_dir() and (run / "checkpoints" / "8").is_dir()
+    warning = [line for line in err.splitlines() if line.startswith(f"warning: checkpoint step {STEPS} ")]
+    assert len(warning) == 1 and f"falling back to step {STEPS - 2}" in warning[0], err
+    assert losses(run) == ref_run["losses"]  # the last two steps redone, identically
+    assert (run / "checkpoints-corrupt").is_dir() and (run / "checkpoints" / str(STEPS)).is_dir()
 
 
 def _one_line_error(capsys, argv) -> str:
@@ -282,7 +323,9 @@ def test_errors_are_one_line(ref_run, tmp_path, capsys):
     assert "train.stepz" in _one_line_error(capsys, ["train", "--config", str(config)])
 
     config.write_text(yaml.safe_dump(_with(ref_run["raw"], tmp_path / "new")))
-    line = _one_line_error(capsys, ["train", "--config", str(config), f"teacher.model={tmp_path}/no-such-teacher"])
+    line = _one_line_error(
+        capsys, ["train", "--config", str(config), f"teacher.model={tmp_path}/no-such-teacher"]
+    )
     assert "no-such-teacher" in line and "does not exist" in line
 
     # The reference run's dir with a 2-layer student: refused before anything is touched.
@@ -292,7 +335,9 @@ def test_errors_are_one_line(ref_run, tmp_path, capsys):
     assert "made by another config" in line and "2 layers" in line
     assert (ref_run["dir"] / "config.yaml").stat().st_mtime == mtime
 
-    line = _one_line_error(capsys, ["train", "--config", str(config), "student.init=teacher", "teacher.model=null"])
+    line = _one_line_error(
+        capsys, ["train", "--config", str(config), "student.init=teacher", "teacher.model=null"]
+    )
     assert "needs a teacher" in line
 
     # A teacher whose vocabulary is not the data's: refused against the data's manifest.
@@ -322,12 +367,25 @@ def test_evaluate_command(ref_run, data_dir, capsys):
 
 def test_mlm_only_random_bert(ref_run, tmp_path):
     """No teacher: a randomly initialised BERT trained with the MLM loss alone."""
-    raw = _with(ref_run["raw"], tmp_path / "mlm", teacher={"model": None},
-                student={"init": "random", "model_type": "bert",
-                         "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                    "intermediate_size": 64, "max_position_embeddings": 32}},
-                loss={"alpha_ce": 0.0, "alpha_cos": 0.0, "alpha_mlm": 1.0},
-                train={"steps": 3, "eval_every": 0}, checkpoint={"every": 0})
+    raw = _with(
+        ref_run["raw"],
+        tmp_path / "mlm",
+        teacher={"model": None},
+        student={
+            "init": "random",
+            "model_type": "bert",
+            "config": {
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 32,
+            },
+        },
+        loss={"alpha_ce": 0.0, "alpha_cos": 0.0, "alpha_mlm": 1.0},
+        train={"steps": 3, "eval_every": 0},
+        checkpoint={"every": 0},
+    )
     result = train(config_from_dict(raw), log=lambda *a: None)
     assert result.step == 3 and not result.teacher_eval and result.last_eval["accuracy"] >= 0
     assert type(result.student_config).__name__ == "BertConfig"
