@@ -20,8 +20,10 @@ straight onto a different mesh than the one that saved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 import time
@@ -132,6 +134,25 @@ def _from_jsonable_state(state: Any) -> Any:
 # --------------------------------------------------------------------------- run checkpoints
 
 
+class _DropOrbaxTracebacks(logging.Filter):
+    """Orbax logs a failed save with its traceback (ERROR) before raising; the caller reports the
+    error in one line instead, so those records are dropped while a save or wait is under way."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_orbax_errors():
+    absl_logger = logging.getLogger("absl")
+    flt = _DropOrbaxTracebacks()
+    absl_logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(flt)
+
+
 @dataclasses.dataclass
 class Restored:
     """What ``RunCheckpointer.restore`` returns; arrays carry the requested shardings."""
@@ -216,6 +237,8 @@ class RunCheckpointer:
         self.directory = self.run_dir / "checkpoints"
         self.cfg = cfg
         self.read_only = read_only
+        self._pending: int | None = None  # the step of an asynchronous save still being written
+        self.failed = False  # a save failed (reported once, as a UserError)
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
         if cfg.keep_best:
             policies.append(
@@ -274,6 +297,7 @@ class RunCheckpointer:
         """
         if self.read_only:
             raise RuntimeError("this RunCheckpointer was opened read-only")
+        self.wait()  # the previous asynchronous save first (orbax would wait for it too)
         if step in self.manager.all_steps():
             return False
         rng = np.asarray(
@@ -290,15 +314,56 @@ class RunCheckpointer:
             meta=ocp.args.JsonSave(info),
             data=DataStateSave(_jsonable_state(data_state)),
         )
-        return bool(self.manager.save(int(step), args=args, metrics=metrics, force=True))
+        with self._save_errors(step):
+            started = bool(self.manager.save(int(step), args=args, metrics=metrics, force=True))
+        self._pending = int(step) if started and self.cfg.async_save else None
+        return started
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int | None):
+        """Turns a failed save (disk full, permission denied, the directory removed underneath) into
+        a one-line ``UserError`` naming the step, the cause and what still restores."""
+        with _quiet_orbax_errors():
+            try:
+                yield
+            except UserError:
+                raise
+            except Exception as err:
+                failed = step
+                self._pending = None
+                self.failed = True
+                cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                try:
+                    kept = [s for s in self.all_steps() if s != failed]
+                except Exception:  # noqa: BLE001 - the directory may be gone altogether
+                    kept = []
+                where = (f"the checkpoints up to step {kept[-1]} are intact" if kept
+                         else "no earlier checkpoint exists")
+                raise UserError(
+                    f"saving the checkpoint of step {failed} to {self.directory} failed ({cause[:300]}); "
+                    f"{where}: fix the disk or permissions, then run the same command to resume"
+                ) from None
 
     def wait(self) -> None:
-        """Blocks until the last async save is on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until the last async save is on disk (UserError when it failed)."""
+        if self._pending is None and not self.cfg.async_save:
+            return
+        with self._save_errors(self._pending):
+            self.manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save and closes the manager. After a failed save, only closes (the
+        error was reported already)."""
+        if self.failed:
+            with _quiet_orbax_errors(), contextlib.suppress(Exception):
+                self.manager.close()
+            return
+        try:
+            self.wait()
+        finally:
+            with _quiet_orbax_errors(), contextlib.suppress(Exception):
+                self.manager.close()
 
     # -- restore
     def check_shapes(self, step: int, abstract_params: Any, abstract_opt_state: Any | None = None) -> None:

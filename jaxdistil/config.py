@@ -67,6 +67,9 @@ class StudentConfig:
     vocab_transform: init=teacher copies the MLM head's transform dense (else random).
     fold_token_types: init=teacher folds the teacher's token_type_embeddings[0] into the position
       embeddings (exact on token-type-0 input) instead of dropping them as the reference does.
+    freeze_pos_embs: the position table gets no update and no optimizer state (the reference's
+      --freeze_pos_embs; a DistilBERT config with sinusoidal_pos_embds freezes it too).
+    freeze_token_type_embds: the same for the token-type table (students that have one: BERT).
     """
 
     init: str = "teacher"
@@ -75,6 +78,8 @@ class StudentConfig:
     config: dict = dataclasses.field(default_factory=dict)
     vocab_transform: bool = True
     fold_token_types: bool = True
+    freeze_pos_embs: bool = False
+    freeze_token_type_embds: bool = False
 
     def __post_init__(self) -> None:
         if self.model_type not in ("distilbert", "bert"):

@@ -340,6 +340,24 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
     client.wait_at_barrier(f"jaxdistil:{name}", int(timeout_s * 1000))
 
 
+def share_from_main(name: str, value: str | None = None, timeout_s: float = 600.0) -> str:
+    """Process 0's ``value`` on every process: process 0 passes it, the others wait for it (a barrier).
+
+    Goes through the coordination service's key-value store (no device computation), so it works
+    before a mesh exists; ``name`` must be used once per job. With one process: returns ``value``.
+    """
+    if jax.process_count() == 1:
+        return value or ""
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    key = f"jaxdistil:{name}"
+    if jax.process_index() == 0:
+        client.key_value_set(key, value or "")
+        return value or ""
+    return client.blocking_key_value_get(key, int(timeout_s * 1000))
+
+
 def process_rows(sharding: jax.sharding.Sharding, global_batch: int) -> slice:
     """The contiguous rows of a [global_batch, ...] array this process must supply under ``sharding``.
 

@@ -58,15 +58,10 @@ def student_config_from_teacher(
     else:
         fields = {f.name: getattr(teacher, f.name) for f in dataclasses.fields(DistilBertConfig)}
         fields["n_layers"] = n_layers
-    shaped = {
-        "vocab_size",
-        "max_position_embeddings",
-        "n_layers",
-        "n_heads",
-        "dim",
-        "hidden_dim",
-        "sinusoidal_pos_embds",
-    }
+    # sinusoidal_pos_embds is allowed: as in the reference (2019 transformers created the fixed
+    # table, then extract_distilbert.py's weights overwrote it), the teacher's positions are copied
+    # and then frozen.
+    shaped = {"vocab_size", "max_position_embeddings", "n_layers", "n_heads", "dim", "hidden_dim"}
     for key, value in (overrides or {}).items():
         if key not in {f.name for f in dataclasses.fields(DistilBertConfig)}:
             raise UserError(f"student config field {key!r} is not a DistilBertConfig field; remove it")
@@ -163,6 +158,8 @@ def student_from_teacher(
         }
         if not vocab_transform:
             notes.append("vocab transform randomly initialised (vocab_transform=False)")
+    if cfg.sinusoidal:
+        notes.append("position embeddings copied from the teacher and frozen (sinusoidal_pos_embds)")
     if teacher_cfg.ln_eps != cfg.ln_eps:
         notes.append(f"LayerNorm eps {teacher_cfg.ln_eps} -> {cfg.ln_eps} (DistilBERT's fixed value)")
     return cfg, {"embeddings": embeddings, "encoder": encoder, "mlm_head": mlm_head}, notes

@@ -376,10 +376,21 @@ def total_steps_for(cfg: RunConfig, manifest: dict) -> int:
     return max(1, math.ceil(cfg.train.epochs * per_epoch))
 
 
-def train(cfg: RunConfig, log=print) -> TrainResult:
-    """Runs (or resumes) the training described by ``cfg``; see the module doc for the phases."""
+def train(cfg: RunConfig, log=print, force_unlock: bool = False) -> TrainResult:
+    """Runs (or resumes) the training described by ``cfg``; see the module doc for the phases.
+
+    The run directory is locked for the whole run (``jaxdistil.rundir``): a second process on it
+    stops with a one-line error; ``force_unlock`` takes over a lock recorded by another host.
+    """
     # ---- 1. processes and run dir
     distributed.initialize(cfg.distributed)  # before any other JAX call
+    from jaxdistil import rundir
+
+    with rundir.hold(Path(cfg.run_dir).expanduser().absolute(), force_unlock):
+        return _train(cfg, log)
+
+
+def _train(cfg: RunConfig, log=print) -> TrainResult:
     if cfg.train.compile_cache:
         # Restarts (a resume after preemption, the demo's second run) load the compiled step instead
         # of compiling it again; the executable is the same, so resumed runs stay bit-exact.
@@ -428,6 +439,9 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
     )
     total_steps = total_steps_for(cfg, manifest)
     optim_cfg = dataclasses.replace(cfg.optim, total_steps=total_steps)
+    frozen = optim_lib.frozen_param_paths(
+        student_cfg, cfg.student.freeze_pos_embs, cfg.student.freeze_token_type_embds
+    )
     step_cfg = step_lib.StepConfig(
         loss=cfg.loss,
         masking=cfg.masking,
@@ -435,9 +449,11 @@ def train(cfg: RunConfig, log=print) -> TrainResult:
         mask_id=int(special["mask"]),
         dtype=cfg.train.dtype,
         remat=cfg.train.remat,
+        group_rows=cfg.loader.group_rows,
+        frozen=frozen,
     )
     student, teacher_model = step_lib.build_models(step_cfg, student_cfg, teacher.config if teacher else None)
-    optimizer, schedule = optim_lib.make_optimizer(optim_cfg, model_cfg=student_cfg)
+    optimizer, schedule = optim_lib.make_optimizer(optim_cfg, model_cfg=student_cfg, frozen=frozen)
 
     # ---- 5. state: resume own checkpoint > teacher layers / given model > random
     ckpt = ckpt_lib.RunCheckpointer(run_dir, cfg.checkpoint)
@@ -697,11 +713,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="config overrides with dotted paths, e.g. train.steps=100 optim.learning_rate=1e-4",
     )
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over the run dir's lock when it was left by a process on another host",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
-    result = train(cfg)
+    result = train(cfg, force_unlock=args.force_unlock)
     if result.interrupted is not None:
         return 128 + int(result.interrupted)
     return 0

@@ -88,6 +88,7 @@ def runs():
     return both["float32"], both["bfloat16"]
 
 
+@pytest.mark.slow
 def test_bf16_losses_track_fp32(runs):
     (fp32, _), (bf16, _) = runs
     assert np.all(np.isfinite(bf16))
@@ -98,12 +99,14 @@ def test_bf16_losses_track_fp32(runs):
     assert (bf16[0] - bf16[-1]) >= 0.9 * (fp32[0] - fp32[-1])
 
 
+@pytest.mark.slow
 def test_bf16_keeps_fp32_master_state(runs):
     _, (_, dtypes) = runs
     assert dtypes["params"] == {jnp.dtype(jnp.float32)}
     assert dtypes["opt"] == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_bf16_is_not_fp32(runs):
     """The bf16 run really computes in bf16 (otherwise the tolerance test proves nothing)."""
     (fp32, _), (bf16, _) = runs

@@ -272,3 +272,35 @@ def test_flax_model_dir_config_is_hf_format(hf_dirs, tmp_path):
     with pytest.raises(UserError, match=r"parameters do not match the model config: missing \(1\)"):
         save_flax_model(loaded.config, broken, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+class _Payload:
+    """A pickle whose loading would run code: ``__reduce__`` asks for ``open(marker, "w")``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_refused_in_one_line_and_never_run(hf_dirs, tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    shutil.copy(hf_dirs["distilbert"] / "config.json", evil)
+    with open(evil / files.TORCH_WEIGHTS, "wb") as f:  # a plain pickle, as torch.save writes one
+        pickle.dump({"distilbert.embeddings.word_embeddings.weight": _Payload(marker)}, f)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdistil.cli", "import", "--model", str(evil), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "weights_only=True" in lines[0] and "safetensors" in lines[0]
+    assert not marker.exists()  # the pickle's code never ran
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -361,3 +361,39 @@ def test_gathered_rows_are_sharded_over_the_batch_axis():
     np.testing.assert_allclose(float(v_sh), float(v_1), rtol=1e-6)
     for a, b_ in zip(g_sh, g_1):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0, 8.0])
+def test_chunked_gradient_equals_torch_at_temperatures(temperature):
+    """The chunked loss's hand-written backward pass against torch autograd of the reference's
+    losses (kl_div batchmean x T^2, cross_entropy, cosine_embedding_loss), at several temperatures:
+    gradients with respect to the student's hidden states and its head's weights."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    cfg = LossConfig(temperature=temperature, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, chunk_rows=5)
+    sh, th, am, labels = _batch(seed=11, n_masked=8)
+    ws, wt, bs = _linear_heads(seed=4)
+    counts = loss_counts(labels, am, cfg)
+
+    def ours(hidden, w):
+        sums = loss_sums(hidden, th, lambda h: h @ w + bs, lambda h: h @ wt, labels, am, cfg)
+        return combine_losses(sums, counts, cfg)[0]
+
+    value, (g_hidden, g_w) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(sh, ws)
+
+    hidden = torch.from_numpy(sh).requires_grad_()
+    w = torch.from_numpy(ws).requires_grad_()
+    s = hidden @ w + torch.from_numpy(bs)
+    t = torch.from_numpy(th) @ torch.from_numpy(wt)
+    rows = torch.from_numpy(am).bool()
+    lab = torch.from_numpy(labels.astype(np.int64))
+    l_ce = F.kl_div(F.log_softmax(s[rows] / temperature, -1), F.softmax(t[rows] / temperature, -1),
+                    reduction="batchmean") * temperature**2
+    l_mlm = F.cross_entropy(s.view(-1, V), lab.view(-1), ignore_index=-100)
+    l_cos = F.cosine_embedding_loss(hidden[rows], torch.from_numpy(th)[rows], torch.ones(int(rows.sum())))
+    total = 5.0 * l_ce + 2.0 * l_mlm + 1.0 * l_cos
+    total.backward()
+    assert abs(float(value) - float(total)) <= 1e-5 * max(1.0, abs(float(total)))
+    np.testing.assert_allclose(np.asarray(g_hidden), hidden.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_w), w.grad.numpy(), rtol=1e-4, atol=1e-5)
+    assert float(np.abs(w.grad.numpy()).max()) > 1e-3

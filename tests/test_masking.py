@@ -145,3 +145,73 @@ def test_mask_tokens_jits_and_depends_on_the_key():
     np.testing.assert_array_equal(a[1], b[1])
     assert not np.array_equal(a[1], c[1])
     assert a[0].dtype == jnp.int32 and a[1].shape == ids[0].shape
+
+
+def torch_prepare_batch_mlm(torch, token_ids, lengths, token_probs, pred_probs, mask_id, vocab, pad_id, gen):
+    """distiller.py's prepare_batch_mlm (fp32, no fp16 rounding), seeded through ``gen``."""
+    attn_mask = torch.arange(token_ids.size(1))[None] < lengths[:, None]
+    bs, max_seq_len = token_ids.size()
+    mlm_labels = token_ids.clone()
+    x_prob = token_probs[token_ids.flatten()]
+    n_tgt = math.ceil(0.15 * lengths.sum().item())
+    tgt_ids = torch.multinomial(x_prob / x_prob.sum(), n_tgt, replacement=False, generator=gen)
+    pred_mask = torch.zeros(bs * max_seq_len, dtype=torch.bool)
+    pred_mask[tgt_ids] = True
+    pred_mask = pred_mask.view(bs, max_seq_len)
+    pred_mask[token_ids == pad_id] = False
+    real = token_ids[pred_mask]
+    rand = real.clone().random_(vocab, generator=gen)
+    masked = real.clone().fill_(mask_id)
+    probs = torch.multinomial(pred_probs, len(real), replacement=True, generator=gen)
+    new = masked * (probs == 0).long() + real * (probs == 1).long() + rand * (probs == 2).long()
+    token_ids = token_ids.masked_scatter(pred_mask, new)
+    mlm_labels[~pred_mask] = -100
+    return token_ids, attn_mask, mlm_labels
+
+
+def test_rare_token_ratio_at_15_percent_equals_the_reference():
+    """At the recipe's 15% (where sampling without replacement depletes the rare positions, so the
+    ratio is not the weights' ratio), jaxdistil's masking picks rare vs common tokens in the same
+    proportion as the reference's torch.multinomial, over many batches; and the 80/10/10 split."""
+    torch = pytest.importorskip("torch")
+    smoothing = 0.7
+    cfg = MaskingConfig(mlm_smoothing=smoothing)
+    rare, common = 10, 11
+    counts = np.ones(V)
+    counts[rare], counts[common] = 10, 1000
+    weights = token_weights_from_counts(counts, SPECIAL, smoothing)
+    n, batch, length = 1000, 4, 64
+    rng = np.random.default_rng(5)
+    ids = np.where(rng.random((n, batch, length)) < 0.03, rare, common).astype(np.int32)
+    lengths = rng.integers(40, length + 1, (n, batch))
+    mask = (np.arange(length)[None, None] < lengths[..., None]).astype(np.int32)
+    ids = np.where(mask > 0, ids, PAD).astype(np.int32)
+    keys = jax.random.split(jax.random.key(7), n)
+    masked, labels = map(np.asarray, _mask_many(keys, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights), cfg))
+
+    gen = torch.Generator().manual_seed(0)
+    t_probs = torch.as_tensor(weights, dtype=torch.float32)
+    pred = torch.tensor([0.8, 0.1, 0.1])
+    t_labels, t_masked = [], []
+    for i in range(n):
+        out_ids, _, lab = torch_prepare_batch_mlm(torch, torch.as_tensor(ids[i], dtype=torch.long),
+                                                  torch.as_tensor(lengths[i]), t_probs, pred, MASK, V, PAD, gen)
+        t_labels.append(lab.numpy())
+        t_masked.append(out_ids.numpy())
+    t_labels, t_masked = np.stack(t_labels), np.stack(t_masked)
+
+    # Same number of positions per batch (the reference's ceil over the batch's real tokens).
+    np.testing.assert_array_equal((labels != IGNORE_INDEX).sum(axis=(1, 2)), (t_labels != -100).sum(axis=(1, 2)))
+
+    def ratio(lab):
+        return (lab == rare).sum() / (lab == common).sum()
+
+    ours, theirs = ratio(labels), ratio(t_labels)
+    naive = (counts[common] / counts[rare]) ** smoothing * (ids == rare).sum() / (ids == common).sum()
+    assert abs(ours / theirs - 1) < 0.06, (ours, theirs)
+    assert theirs < 0.6 * naive  # depletion matters here: a sampler with replacement would fail
+    for got_ids, got_lab in ((masked, labels), (t_masked, t_labels)):
+        chosen = got_lab != IGNORE_INDEX
+        as_mask = (got_ids[chosen] == MASK).mean()
+        kept = (got_ids[chosen] == ids[chosen]).mean()
+        assert abs(as_mask - 0.8) < 0.015 and abs(kept - 0.1) < 0.015, (as_mask, kept)

@@ -591,12 +591,14 @@ def _assert_close(a: dict[int, float], b: dict[int, float], steps, atol=1e-5):
     assert worst <= atol, (worst, a, b)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_data8(tmp_path, data_dir, two_process_run):
     one = tmp_path / "p1_data8"
     _train_here(_config(tmp_path, data_dir, one), ["mesh.data=8"])
     _assert_close(_losses(two_process_run), _losses(one), range(1, 9))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_fsdp4_data2(tmp_path, data_dir):
     two, one = tmp_path / "p2_fsdp", tmp_path / "p1_fsdp"
     mesh = ["mesh.data=2", "mesh.fsdp=4", "loader.buckets=[32]"]  # one compilation per run
@@ -607,6 +609,7 @@ def test_two_processes_equal_one_process_fsdp4_data2(tmp_path, data_dir):
     _assert_close(_losses(two), _losses(one), range(1, 9))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_restores_on_another_mesh(tmp_path, two_process_run):
     import shutil
 
@@ -661,6 +664,7 @@ class _Launch:
         return time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_killed_process_stops_the_launch_and_a_rerun_resumes(tmp_path, data_dir, compile_cache):
     run_dir = tmp_path / "p2_kill"
     config = _config(tmp_path, data_dir, run_dir)

@@ -115,3 +115,22 @@ def test_adamw_chain_matches_torch(sinusoidal):
     for k, v in init:
         want = v if k == frozen else tparams[k].detach().numpy()
         np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("total,prop", [(100, 0.05), (37, 0.1), (10, 0.0), (7, 1.0)])
+def test_schedule_equals_transformers_get_linear_schedule_with_warmup(total, prop):
+    """The reference's own scheduler: LambdaLR from transformers, stepped as distiller.py does
+    (scheduler.step() after every optimizer.step(); update s uses the rate after s steps)."""
+    torch = pytest.importorskip("torch")
+    from transformers import get_linear_schedule_with_warmup
+
+    lr = 5e-4
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    warmup = math.ceil(total * prop)  # distiller.py: math.ceil(num_train_optimization_steps * warmup_prop)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
+    ours = make_schedule(OptimConfig(learning_rate=lr, warmup_prop=prop, total_steps=total))
+    for s in range(total + 2):
+        # optax evaluates the schedule in float32: equal within 2e-7 of the peak rate.
+        assert float(ours(s)) == pytest.approx(opt.param_groups[0]["lr"], rel=0, abs=1e-10), s
+        opt.step()
+        sched.step()

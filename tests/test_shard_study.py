@@ -320,6 +320,7 @@ def study(teacher_dir, tmp_path_factory):
     return code, out, {s["mesh"]: s for s in doc["strategies"]}, doc["meta"]
 
 
+@pytest.mark.slow
 def test_study_rows_and_loss_agreement(study):
     code, out, rows, meta = study
     assert code == 0
@@ -339,6 +340,7 @@ def test_study_rows_and_loss_agreement(study):
         assert r["xla_flops_per_device"] is None or r["xla_flops_per_device"] > 0
 
 
+@pytest.mark.slow
 def test_study_memory_per_device(study):
     _, _, rows, _ = study
     data, fsdp = rows["data=8"], rows["fsdp=8"]
@@ -353,6 +355,7 @@ def test_study_memory_per_device(study):
     assert data["opt_state_bytes"] == pytest.approx(2 * data["student_param_bytes"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_study_collectives(study):
     _, _, rows, _ = study
     data, fsdp = rows["data=8"], rows["fsdp=8"]

@@ -242,6 +242,7 @@ def pretrained_teacher():
     return model, cfg, state, state_sh, losses, metrics
 
 
+@pytest.mark.slow
 def test_mlm_only_learning_curve(pretrained_teacher):
     _, _, state, _, losses, metrics = pretrained_teacher
     assert int(state.step) == 100
@@ -250,6 +251,7 @@ def test_mlm_only_learning_curve(pretrained_teacher):
     assert float(metrics["mlm_accuracy"]) > 0.3
 
 
+@pytest.mark.slow
 def test_distillation_learning_curve_and_frozen_positions(pretrained_teacher):
     teacher_model, _, t_state, t_sh, _, _ = pretrained_teacher
     mesh = one_device_mesh()

@@ -153,6 +153,17 @@ def ref_run(tmp_path_factory, data_dir, teacher_dir):
     }
 
 
+def subprocess_env() -> dict[str, str]:
+    """A ``jaxdistil train`` subprocess sharing this module's compilation cache."""
+    return dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
 def _with(raw: dict, run_dir: Path, **sections) -> dict:
     out = json.loads(json.dumps(raw))
     out["run_dir"] = str(run_dir)
@@ -198,7 +209,8 @@ def test_reference_run_writes_everything(ref_run):
     )
 
 
-def test_exact_resume_after_sigkill(ref_run, tmp_path):
+@pytest.mark.slow
+def test_exact_resume_after_sigkill(ref_run, tmp_path, capfd):
     """SIGKILL at a random step, resume: every per-step loss equals the uninterrupted run's, bit for bit."""
     run = tmp_path / "killed"
     config = tmp_path / "run.yaml"
@@ -206,16 +218,9 @@ def test_exact_resume_after_sigkill(ref_run, tmp_path):
     # Early enough that several steps, saves and an evaluation remain when the signal lands.
     kill_after = random.Random(time.time_ns()).randint(3, STEPS - 5)
     print(f"killing after step {kill_after}")
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxdistil.cli", "train", "--config", str(config)],
-        env=env,
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -242,14 +247,87 @@ def test_exact_resume_after_sigkill(ref_run, tmp_path):
     (fake / "params").mkdir(parents=True)
     (fake / "params" / "garbage").write_bytes(b"\0" * 10)
 
+    # The killed process's lock is still recorded: the next run takes it over, with a warning.
+    holder = json.loads((run / "lock.json").read_text())
+    assert holder["pid"] == proc.pid
     messages = []
+    capfd.readouterr()
     result = train(config_from_dict(_with(ref_run["raw"], run)), log=messages.append)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "taking the lock over" in line]
+    assert len(warnings) == 1 and f"pid {proc.pid}" in warnings[0] and "no longer running" in warnings[0]
     resumed = [m for m in messages if m.startswith("resumed")]
     assert saved and resumed and resumed[0].endswith(f"from step {max(saved)}"), (messages, saved)
     assert result.step == STEPS
     assert not fake.exists()  # temporary directories are cleaned up, never read
     after = losses(run)
     assert after == ref_run["losses"]  # exact float equality, every step
+    assert not (run / "lock.json").exists()  # released at the end
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root: (size, mtime_ns)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_second_process_on_a_run_dir_is_refused(ref_run, tmp_path):
+    """Two `train` processes on one run dir: the second exits 2 with one line naming the holder and
+    writes nothing; the first finishes with the losses of an undisturbed run."""
+    run = tmp_path / "shared-run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_with(ref_run["raw"], run)))
+    argv = [sys.executable, "-m", "jaxdistil.cli", "train", "--config", str(config)]
+    first = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not ((run / "lock.json").is_file() and (run / "metrics.jsonl").is_file()):
+            if first.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the first train did not start: {first.stderr.read().decode()[-2000:]}")
+            time.sleep(0.02)
+        # Paused (it keeps its lock), so that the second process surely meets a live holder.
+        os.kill(first.pid, signal.SIGSTOP)
+        before = _tree_state(run)
+        second = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        after = _tree_state(run)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2, second.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: run dir "), second.stderr
+    assert f"in use by pid {first.pid} on host " in lines[0]
+    assert after == before  # the second process wrote nothing
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+    assert losses(run) == ref_run["losses"]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_failed_save_is_one_line_and_earlier_checkpoints_restore(ref_run, tmp_path, capsys, monkeypatch,
+                                                                 async_save):
+    """A save that fails (disk full, injected into the saver at step 6) ends the run with one line
+    naming the step and the cause; the run then resumes exactly from step 4."""
+    from jaxdistil import checkpoint as ckpt_lib
+
+    run = tmp_path / "full-disk"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_with(ref_run["raw"], run, checkpoint={"async_save": async_save})))
+    real_save = ckpt_lib.DataStateHandler.save
+
+    def save(self, directory, args):
+        if "6" in str(directory).split("/")[-2].split("."):
+            raise OSError(28, "No space left on device")
+        return real_save(self, directory, args)
+
+    monkeypatch.setattr(ckpt_lib.DataStateHandler, "save", save)
+    line = _one_line_error(capsys, ["train", "--config", str(config)])
+    assert "checkpoint of step 6" in line and "No space left on device" in line
+    assert "checkpoints up to step 4 are intact" in line and "run the same command to resume" in line
+    assert not (run / "lock.json").exists()
+    monkeypatch.setattr(ckpt_lib.DataStateHandler, "save", real_save)
+    messages = []
+    result = train(config_from_dict(_with(ref_run["raw"], run)), log=messages.append)
+    assert f"resumed {run} from step 4" in messages, messages
+    assert result.step == STEPS and losses(run) == ref_run["losses"]
 
 
 def test_restore_onto_another_mesh(ref_run, tmp_path):
@@ -391,3 +469,70 @@ def test_mlm_only_random_bert(ref_run, tmp_path):
     assert type(result.student_config).__name__ == "BertConfig"
     assert sorted(int(p.name) for p in (tmp_path / "mlm" / "checkpoints").iterdir()) == [3]
     dump_run_config(config_from_dict(raw))  # serialisable
+
+
+def _opt_state_paths(run: Path, step: int) -> list[str]:
+    from jaxdistil.checkpoint import RunCheckpointer
+
+    ckpt = RunCheckpointer(run, read_only=True)
+    meta = ckpt.manager.item_metadata(step)["opt_state"]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(meta)]
+    ckpt.manager.close()
+    return paths
+
+
+@pytest.mark.parametrize("how", ["freeze_pos_embs", "sinusoidal_pos_embds"])
+def test_frozen_positions_stay_bit_identical_and_export_exactly(ref_run, tmp_path, how):
+    """student.freeze_pos_embs (the reference's --freeze_pos_embs), or a teacher-initialised student
+    with sinusoidal_pos_embds (2019 transformers froze that table after the teacher's was loaded):
+    10 updates leave the table bit-identical, the optimizer holds no moments for it, and the export
+    is exact."""
+    from jaxdistil.hf import export_model, load_model
+    from jaxdistil.init_student import student_from_teacher
+
+    student = {"freeze_pos_embs": True} if how == "freeze_pos_embs" else {"config": {"sinusoidal_pos_embds": True}}
+    raw = _with(ref_run["raw"], tmp_path / "frozen", student=student,
+                train={"steps": 10, "eval_every": -1}, checkpoint={"every": 0})
+    result = train(config_from_dict(raw), log=lambda *a: None)
+    assert result.step == 10
+    teacher = load_model(raw["teacher"]["model"])
+    _, initial, _ = student_from_teacher(teacher.config, teacher.params, [1])
+    trained = load_model(tmp_path / "frozen")
+    pos = "position_embeddings"
+    np.testing.assert_array_equal(trained.params["embeddings"][pos]["embedding"],
+                                  initial["embeddings"][pos]["embedding"])
+    assert not np.array_equal(trained.params["embeddings"]["word_embeddings"]["embedding"],
+                              initial["embeddings"]["word_embeddings"]["embedding"])  # the rest trains
+    paths = _opt_state_paths(tmp_path / "frozen", 10)
+    assert any("word_embeddings" in p for p in paths) and not any(pos in p for p in paths), paths
+    report = export_model(tmp_path / "frozen", tmp_path / "hf", force=True)
+    assert report.verified and report.max_abs_diff <= 1e-4
+    exported = load_model(tmp_path / "hf")
+    np.testing.assert_array_equal(exported.params["embeddings"][pos]["embedding"],
+                                  initial["embeddings"][pos]["embedding"])
+
+
+def test_frozen_token_types(ref_run, tmp_path, capsys):
+    raw = _with(ref_run["raw"], tmp_path / "tt", teacher={"model": None},
+                student={"init": "random", "model_type": "bert", "freeze_token_type_embds": True,
+                         "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "intermediate_size": 64, "max_position_embeddings": 32}},
+                loss={"alpha_ce": 0.0, "alpha_cos": 0.0, "alpha_mlm": 1.0},
+                train={"steps": 10, "eval_every": -1}, checkpoint={"every": 1, "keep": 20})
+    train(config_from_dict(raw), log=lambda *a: None)
+    from jaxdistil.checkpoint import restore_params
+
+    _, _, first = restore_params(tmp_path / "tt", 1)
+    _, _, last = restore_params(tmp_path / "tt", 10)
+    tt = "token_type_embeddings"
+    # Step 1's update is zero for them as for every step: equal to step 10's, bit for bit.
+    np.testing.assert_array_equal(first["embeddings"][tt]["embedding"], last["embeddings"][tt]["embedding"])
+    assert not np.array_equal(first["embeddings"]["position_embeddings"]["embedding"],
+                              last["embeddings"]["position_embeddings"]["embedding"])
+    assert not any(tt in p for p in _opt_state_paths(tmp_path / "tt", 10))
+    # A DistilBERT student has no token types: a one-line error.
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(_with(ref_run["raw"], tmp_path / "bad",
+                                           student={"freeze_token_type_embds": True})))
+    line = _one_line_error(capsys, ["train", "--config", str(config)])
+    assert "freeze_token_type_embds" in line and "no token-type embeddings" in line

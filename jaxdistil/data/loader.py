@@ -55,6 +55,12 @@ class LoaderConfig:
     shuffle: shuffle the training split each epoch (evaluation is never shuffled).
     num_epochs: passes over the training split; None = repeat forever (the loop counts steps).
     group_window: batches per length-grouping window (larger = less padding, more memory).
+    group_rows: rows per length group; 0 = a whole batch is one group (each batch holds sequences of
+      one length range). N > 0: the sorted window is cut into groups of N rows and each batch is
+      made of batch_size / N groups drawn across the window, so every batch mixes lengths as the
+      reference's updates do (its sampler groups by length per micro-batch of 5, then mixes the
+      micro-batches); the batch is padded to its longest row, group i is rows [i N, (i+1) N).
+      With ``loss.normalize: group`` each group is also masked and averaged on its own.
     pack_bins: rows filled at once by the first-fit packer (larger = fuller rows).
     read_threads: threads reading records.
     prefetch: batches prepared ahead in a background thread (0 = none).
@@ -68,6 +74,7 @@ class LoaderConfig:
     shuffle: bool = True
     num_epochs: int | None = None
     group_window: int = 64
+    group_rows: int = 0
     pack_bins: int = 64
     read_threads: int = 4
     prefetch: int = 2
@@ -85,6 +92,9 @@ class LoaderConfig:
             raise UserError(f"loader.num_epochs must be >= 1 or null (forever), got {self.num_epochs}")
         if self.group_window < 1 or self.pack_bins < 1:
             raise UserError("loader.group_window and loader.pack_bins must be >= 1")
+        if self.group_rows < 0 or (self.group_rows and self.batch_size % self.group_rows):
+            raise UserError(f"loader.group_rows must be 0 or divide loader.batch_size={self.batch_size}, "
+                            f"got {self.group_rows}")
         if self.read_threads < 1 or self.prefetch < 0:
             raise UserError("loader.read_threads must be >= 1 and loader.prefetch >= 0")
 
@@ -146,14 +156,17 @@ class _LengthGroupedIterator(grain.DatasetIterator):
                 break
         lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
         order = np.argsort(lengths, kind="stable")  # stable: ties keep the (shuffled) read order
-        batches = [
-            [seqs[j] for j in order[i : i + ds.batch_size]] for i in range(0, len(seqs), ds.batch_size)
-        ]
+        rows = ds.group_rows or ds.batch_size
+        groups = [[seqs[j] for j in order[i : i + rows]] for i in range(0, len(seqs), rows)]
+        if groups and ds.drop_remainder and len(groups[-1]) < rows:
+            groups.pop()
+        if ds.shuffle and len(groups) > 1:
+            perm = np.random.default_rng([ds.seed, self._window_index]).permutation(len(groups))
+            groups = [groups[p] for p in perm]
+        per_batch = ds.batch_size // rows
+        batches = [sum(groups[i : i + per_batch], []) for i in range(0, len(groups), per_batch)]
         if batches and ds.drop_remainder and len(batches[-1]) < ds.batch_size:
             batches.pop()
-        if ds.shuffle and len(batches) > 1:
-            perm = np.random.default_rng([ds.seed, self._window_index]).permutation(len(batches))
-            batches = [batches[p] for p in perm]
         self._batches = batches
         self._emitted = 0
 
@@ -207,6 +220,7 @@ class LengthGroupedBatchIterDataset(grain.IterDataset):
     parent yields int32 id arrays [L] with L <= max(buckets). Yields ``{"input_ids", "attention_mask"}``
     [batch_size, bucket]. ``drop_remainder=False`` pads the last batch with all-padding rows, and
     ``min_batches`` appends all-padding batches [batch_size, smallest bucket] up to that count.
+    ``group_rows`` > 0 sorts and shuffles groups of that many rows instead of whole batches.
     """
 
     def __init__(
@@ -221,11 +235,13 @@ class LengthGroupedBatchIterDataset(grain.IterDataset):
         shuffle: bool = True,
         drop_remainder: bool = True,
         min_batches: int = 0,
+        group_rows: int = 0,
     ):
         super().__init__(parent)
         self.batch_size, self.buckets, self.window = batch_size, tuple(sorted(buckets)), window
         self.seed, self.pad_id, self.shuffle, self.drop_remainder = seed, pad_id, shuffle, drop_remainder
         self.min_batches = min_batches
+        self.group_rows = group_rows
 
     def __iter__(self) -> _LengthGroupedIterator:
         return _LengthGroupedIterator(self._parent.__iter__(), self)
@@ -324,6 +340,7 @@ def make_dataset(
             shuffle=train and cfg.shuffle,
             drop_remainder=train,
             min_batches=0 if train else -(-per_host // cfg.batch_size),
+            group_rows=cfg.group_rows if train else 0,
         )
     if cfg.prefetch:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)

@@ -52,26 +52,35 @@ def make_sequences(
 ) -> list[np.ndarray]:
     """One document's ids (no special tokens) -> kept ``[CLS] ... [SEP]`` sequences (int64 [L]).
 
-    Documents longer than ``max_len`` are cut into pieces of ``max_len - 2`` ids, each wrapped again;
+    As the reference does (``lm_seqs_dataset.py: divide_into_chunks``): the document is wrapped as
+    ``[CLS] ids [SEP]`` first; when that is longer than ``max_len`` it is cut into pieces of
+    ``max_len - 2`` tokens and each piece gets the [CLS] / [SEP] it lacks (so the first piece keeps
+    its [CLS] and the last its [SEP]: 40 ids at max_len 16 give lengths 15, 16, 15).
     ``stats`` counts long documents, chunks, and the sequences dropped as short or mostly [UNK].
     """
-    inner = np.asarray(ids, dtype=np.int64)
-    body = max_len - 2
-    if inner.shape[0] > body:
+    seq = np.concatenate([[cls_id], np.asarray(ids, dtype=np.int64), [sep_id]]).astype(np.int64)
+    if seq.shape[0] > max_len:
         stats["long_documents"] += 1
-        pieces = [inner[i : i + body] for i in range(0, inner.shape[0], body)]
+        body = max_len - 2
+        pieces = []
+        for start in range(0, seq.shape[0], body):
+            piece = seq[start : start + body]
+            if piece[0] != cls_id:
+                piece = np.concatenate([[cls_id], piece])
+            if piece[-1] != sep_id:
+                piece = np.concatenate([piece, [sep_id]])
+            pieces.append(piece)
     else:
-        pieces = [inner]
+        pieces = [seq]
     kept = []
     for piece in pieces:
         stats["chunks"] += 1
-        seq = np.concatenate([[cls_id], piece, [sep_id]])
-        if seq.shape[0] <= MAX_SHORT:
+        if piece.shape[0] <= MAX_SHORT:
             stats["dropped_short"] += 1
-        elif np.count_nonzero(seq == unk_id) >= UNK_LIMIT * seq.shape[0]:
+        elif np.count_nonzero(piece == unk_id) >= UNK_LIMIT * piece.shape[0]:
             stats["dropped_unk"] += 1
         else:
-            kept.append(seq)
+            kept.append(piece)
     return kept
 
 

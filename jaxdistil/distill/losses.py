@@ -55,6 +55,7 @@ COS_EPS = 1e-12
 
 SUM_KEYS = ("ce_sum", "mlm_sum", "cos_sum", "mse_sum", "mlm_correct")
 COUNT_KEYS = ("ce_rows", "mlm_rows", "cos_rows")
+NORMALIZE = ("batch", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,12 @@ class LossConfig:
                          no recomputation). Larger is faster (bigger matmuls, no recompute when
                          all rows fit), smaller uses less memory: a chunk holds a few
                          [chunk_rows, V] float32 buffers (2048 x 30522 x 4 B = 250 MB each).
+    normalize:           "batch": every loss is a mean over the rows of the whole batch (update),
+                         masked once: the gradient of one large batch, whatever the accumulation.
+                         "group": the reference's; the batch is groups of ``group_rows`` rows (the
+                         step's, from ``loader.group_rows``), each masked on its own and averaged on
+                         its own, and the loss is the average over groups, as the reference's
+                         gradient accumulation over per-GPU micro-batches and DDP compute it.
     """
 
     temperature: float = 2.0
@@ -77,8 +84,11 @@ class LossConfig:
     alpha_mse: float = 0.0
     restrict_ce_to_mask: bool = False
     chunk_rows: int | None = 2048
+    normalize: str = "batch"
 
     def __post_init__(self):
+        if self.normalize not in NORMALIZE:
+            raise UserError(f"loss.normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
         if not self.temperature > 0:
             raise UserError(f"loss.temperature must be > 0, got {self.temperature}; set e.g. temperature=2.0")
         for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse"):
@@ -199,17 +209,55 @@ def _ce_row_mask(labels: jax.Array, attention_mask: jax.Array, cfg: LossConfig) 
     return attention_mask.astype(bool)
 
 
+def loss_masks(labels: jax.Array, attention_mask: jax.Array, cfg: LossConfig) -> dict[str, jax.Array]:
+    """Boolean [B, T] masks of the rows each loss averages over: "ce" (L_ce and L_mse), "mlm" (the
+    masked positions) and "cos" (real tokens)."""
+    return {"ce": _ce_row_mask(labels, attention_mask, cfg), "mlm": labels != IGNORE_INDEX,
+            "cos": attention_mask.astype(bool)}
+
+
 def loss_counts(labels: jax.Array, attention_mask: jax.Array, cfg: LossConfig) -> dict[str, jax.Array]:
     """Row counts (float32 scalars) of a batch: labels [B, T] (-100 = not masked), attention_mask [B, T].
 
     "ce_rows": rows of L_ce / L_mse; "mlm_rows": masked positions; "cos_rows": real tokens.
     They need no forward pass, so a step can compute loss weights before it.
     """
-    return {
-        "ce_rows": jnp.sum(_ce_row_mask(labels, attention_mask, cfg), dtype=jnp.float32),
-        "mlm_rows": jnp.sum(labels != IGNORE_INDEX, dtype=jnp.float32),
-        "cos_rows": jnp.sum(attention_mask.astype(bool), dtype=jnp.float32),
-    }
+    masks = loss_masks(labels, attention_mask, cfg)
+    return {f"{k}_rows": jnp.sum(m, dtype=jnp.float32) for k, m in masks.items()}
+
+
+def loss_weights(
+    labels: jax.Array, attention_mask: jax.Array, cfg: LossConfig, group_rows: int = 0
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Row weights of each loss and the denominators of their means, before any forward pass.
+
+    labels, attention_mask: [B, T] of the whole (masked) batch.
+    Returns (weights {"ce", "mlm", "cos"} float32 [B, T], counts): the step's loss is
+    ``sum(weight * per-row loss) / counts[<loss>_rows]`` for each term (``combine_losses``).
+      normalize="batch": weight 1 on a loss's rows and the count of those rows in the batch: a mean
+        over the whole batch (what one large batch gives).
+      normalize="group": rows [i g, (i+1) g) are group i (g = group_rows, the reference's per-GPU
+        micro-batch); weight 1 / (that loss's rows in the group) and, as denominator, the number of
+        groups holding such rows: the average over groups of the groups' means, as the reference's
+        ``loss / gradient_accumulation_steps`` summed over micro-batches, averaged by DDP.
+    counts["masked"] is always the number of masked positions (the accuracy's denominator).
+    """
+    masks = loss_masks(labels, attention_mask, cfg)
+    counts = {f"{k}_rows": jnp.sum(m, dtype=jnp.float32) for k, m in masks.items()}
+    counts["masked"] = counts["mlm_rows"]
+    if cfg.normalize == "batch":
+        return {k: m.astype(jnp.float32) for k, m in masks.items()}, counts
+    batch, length = labels.shape
+    if group_rows < 1 or batch % group_rows:
+        raise UserError(f"loss.normalize=group needs groups that split the batch of {batch} rows "
+                        f"(loader.group_rows={group_rows}); set loader.group_rows to a divisor of it, e.g. 5")
+    weights = {}
+    for key, m in masks.items():
+        per_group = m.reshape(batch // group_rows, group_rows * length).astype(jnp.float32)
+        in_group = jnp.sum(per_group, axis=1, keepdims=True)  # [G, 1]
+        weights[key] = (per_group / jnp.maximum(in_group, 1.0)).reshape(batch, length)
+        counts[f"{key}_rows"] = jnp.sum(in_group > 0, dtype=jnp.float32)
+    return weights, counts
 
 
 def plain_loss_sums(
@@ -220,27 +268,30 @@ def plain_loss_sums(
     labels: jax.Array,
     attention_mask: jax.Array,
     cfg: LossConfig,
+    weights: dict[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """``loss_sums`` computed the obvious way: both heads on all B*T rows at once ([B, T, V] logits).
 
     Reference for the tests and readable as the specification; do not use at scale.
     """
     b, t, d = student_hidden.shape
+    if weights is None:
+        weights, _ = loss_weights(labels, attention_mask, cfg)
     s_logits = student_head(student_hidden.reshape(b * t, d)).reshape(b, t, -1)
     mlm, correct = xent_per_row(s_logits, labels)
     out = loss_counts(labels, attention_mask, cfg)
     zero = jnp.zeros((), jnp.float32)
-    out.update(mlm_sum=jnp.sum(mlm), mlm_correct=jnp.sum(correct), ce_sum=zero, cos_sum=zero, mse_sum=zero)
+    out.update(mlm_sum=jnp.sum(mlm * weights["mlm"]), mlm_correct=jnp.sum(correct), ce_sum=zero,
+               cos_sum=zero, mse_sum=zero)
     if teacher_hidden is None:
         return out
     teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
     t_logits = jax.lax.stop_gradient(teacher_head(teacher_hidden.reshape(b * t, d)).reshape(b, t, -1))
-    rows = _ce_row_mask(labels, attention_mask, cfg).astype(jnp.float32)
+    rows = weights["ce"]
     out["ce_sum"] = jnp.sum(kl_per_row(s_logits, t_logits, cfg.temperature) * rows) * cfg.temperature**2
     if cfg.alpha_mse > 0:
         out["mse_sum"] = jnp.sum(sq_err_per_row(s_logits, t_logits) * rows)
-    out["cos_sum"] = jnp.sum(
-        one_minus_cos_per_row(student_hidden, teacher_hidden) * attention_mask.astype(jnp.float32))
+    out["cos_sum"] = jnp.sum(one_minus_cos_per_row(student_hidden, teacher_hidden) * weights["cos"])
     return out
 
 
@@ -249,21 +300,24 @@ def plain_loss_sums(
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _logit_sums(s_logits, t_logits, labels, ce_w, temperature: float, with_mse: bool):
-    """Sums over a block of logits: s [n, V], t [n, V] or None, labels [n], ce_w [n] -> 4 scalars.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _logit_sums(s_logits, t_logits, labels, ce_w, mlm_w, temperature: float, with_mse: bool):
+    """Sums over a block of logits: s [n, V], t [n, V] or None, labels [n], row weights ce_w, mlm_w
+    [n] -> 4 scalars.
 
-    Returns (sum_w KL (no T^2), sum CE over labelled rows, sum_w squared error, correct count).
+    Returns (sum ce_w KL (no T^2), sum mlm_w CE over labelled rows, sum ce_w squared error, correct
+    count).
     Same numbers as the per-row primitives, with a hand-written backward pass: the residuals are
     the logits themselves (in their compute dtype), and the gradient with respect to the student
     logits is one fused expression,
       g_ce * w * (softmax(s/T) - softmax(t/T)) / T + g_mlm * m * (softmax(s) - onehot) + g_mse * w * 2 (s - t),
-    instead of autodiff's chain of [n, V] float32 intermediates. The teacher gets no gradient.
+    instead of autodiff's chain of [n, V] float32 intermediates (w = ce_w, m = mlm_w). The teacher
+    gets no gradient.
     """
-    return _logit_sums_fwd(s_logits, t_logits, labels, ce_w, temperature, with_mse)[0]
+    return _logit_sums_fwd(s_logits, t_logits, labels, ce_w, mlm_w, temperature, with_mse)[0]
 
 
-def _logit_sums_fwd(s_logits, t_logits, labels, ce_w, temperature, with_mse):
+def _logit_sums_fwd(s_logits, t_logits, labels, ce_w, mlm_w, temperature, with_mse):
     s = _f32(s_logits)
     valid = labels != IGNORE_INDEX
     safe = jnp.where(valid, labels, 0)
@@ -271,7 +325,7 @@ def _logit_sums_fwd(s_logits, t_logits, labels, ce_w, temperature, with_mse):
     shifted = s - jnp.max(s, axis=-1, keepdims=True)
     lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
     picked = jnp.take_along_axis(shifted, safe[:, None], axis=-1)[:, 0]
-    mlm = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+    mlm = jnp.sum(jnp.where(valid, (lse - picked) * mlm_w, 0.0))
     correct = jnp.sum(valid & (jnp.argmax(s, axis=-1) == safe), dtype=s.dtype)
     ce = mse = jnp.zeros((), s.dtype)
     if t_logits is not None:
@@ -282,17 +336,18 @@ def _logit_sums_fwd(s_logits, t_logits, labels, ce_w, temperature, with_mse):
         ce = jnp.sum(kl * ce_w)
         if with_mse:
             mse = jnp.sum(sq_err_per_row(s, t_logits) * ce_w)
-    return (ce, mlm, mse, correct), (s_logits, t_logits, labels, ce_w)
+    return (ce, mlm, mse, correct), (s_logits, t_logits, labels, ce_w, mlm_w)
 
 
 def _logit_sums_bwd(temperature, with_mse, res, g):
-    s_logits, t_logits, labels, ce_w = res
+    s_logits, t_logits, labels, ce_w, mlm_w = res
     g_ce, g_mlm, g_mse, _ = g
     s = _f32(s_logits)
     valid = labels != IGNORE_INDEX
     vocab_ids = jnp.arange(s.shape[-1])
     onehot = (vocab_ids[None, :] == labels[:, None]).astype(s.dtype)  # all-zero rows when label = -100
-    ds = (g_mlm * valid.astype(s.dtype))[:, None] * (jax.nn.softmax(s, axis=-1) - onehot)
+    m = jnp.where(valid, mlm_w, 0.0).astype(s.dtype)
+    ds = (g_mlm * m)[:, None] * (jax.nn.softmax(s, axis=-1) - onehot)
     if t_logits is not None:
         t = _f32(t_logits)
         w = ce_w.astype(s.dtype)[:, None]
@@ -302,20 +357,20 @@ def _logit_sums_bwd(temperature, with_mse, res, g):
         if with_mse:
             ds = ds + (2.0 * g_mse) * w * (s - t)
     # None = zero cotangent: the teacher, the labels and the row weights get no gradient.
-    return ds.astype(s_logits.dtype), None, None, None
+    return ds.astype(s_logits.dtype), None, None, None, None
 
 
 _logit_sums.defvjp(_logit_sums_fwd, _logit_sums_bwd)
 
 
-def _block_sums(s_h, t_h, labels, ce_w, student_head, teacher_head, temperature, with_mse):
-    """Sums over one block of rows: s_h, t_h [n, D], labels [n], ce_w [n] float32 -> 4 scalars.
+def _block_sums(s_h, t_h, labels, ce_w, mlm_w, student_head, teacher_head, temperature, with_mse):
+    """Sums over one block of rows: s_h, t_h [n, D], labels [n], ce_w, mlm_w [n] float32 -> 4 scalars.
 
     Returns (ce_sum without T^2, mlm_sum, mse_sum, mlm_correct).
     """
     s_logits = student_head(s_h)
     t_logits = None if t_h is None else jax.lax.stop_gradient(teacher_head(t_h))
-    return _logit_sums(s_logits, t_logits, labels, ce_w, temperature, with_mse and t_h is not None)
+    return _logit_sums(s_logits, t_logits, labels, ce_w, mlm_w, temperature, with_mse and t_h is not None)
 
 
 def _chunking(n: int, chunk_rows: int) -> tuple[int, int]:
@@ -330,11 +385,11 @@ def _chunking(n: int, chunk_rows: int) -> tuple[int, int]:
     return n_chunks, -(-n // n_chunks)
 
 
-def _row_sums(s_h, t_h, labels, ce_w, student_head, teacher_head, temperature, with_mse, chunk_rows):
+def _row_sums(s_h, t_h, labels, ce_w, mlm_w, student_head, teacher_head, temperature, with_mse, chunk_rows):
     """``_block_sums`` over N rows, ``chunk_rows`` at a time (scan + checkpoint) when N is larger."""
     n = s_h.shape[0]
     if chunk_rows is None or n <= chunk_rows:
-        return _block_sums(s_h, t_h, labels, ce_w, student_head, teacher_head, temperature, with_mse)
+        return _block_sums(s_h, t_h, labels, ce_w, mlm_w, student_head, teacher_head, temperature, with_mse)
     n_chunks, rows = _chunking(n, chunk_rows)
     pad = n_chunks * rows - n
 
@@ -349,12 +404,12 @@ def _row_sums(s_h, t_h, labels, ce_w, student_head, teacher_head, temperature, w
         return jnp.swapaxes(x, 0, 1)
 
     xs = (split(s_h, 0), None if t_h is None else split(t_h, 0), split(labels, IGNORE_INDEX),
-          split(ce_w, 0))
+          split(ce_w, 0), split(mlm_w, 0))
 
     # prevent_cse=False: inside scan the recomputation cannot be CSE'd away, and the flag would
     # only block useful optimisations (see jax.checkpoint docs).
-    def chunk_sums(s, t, lab, w):
-        return _block_sums(s, t, lab, w, student_head, teacher_head, temperature, with_mse)
+    def chunk_sums(s, t, lab, w, m):
+        return _block_sums(s, t, lab, w, m, student_head, teacher_head, temperature, with_mse)
 
     chunk = jax.checkpoint(chunk_sums, prevent_cse=False)
 
@@ -387,6 +442,7 @@ def loss_sums(
     attention_mask: jax.Array,
     cfg: LossConfig,
     max_rows: int | None = None,
+    weights: dict[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """Loss sums and row counts of one (micro-)batch, without materialising all logits at once.
 
@@ -403,6 +459,8 @@ def loss_sums(
         When given and only masked rows need logits (restrict_ce_to_mask, or no teacher), those
         rows are gathered before the heads: logits are [max_rows, V] instead of [B*T, V]. Batches
         with more masked positions than this stay exact (a ``lax.cond`` takes the all-rows path).
+      weights: {"ce", "mlm", "cos"} [B, T] float32 row weights of each sum (``loss_weights``);
+        default: 1 on each loss's rows (``normalize="batch"``).
 
     Returns:
       dict of float32 scalars: sums "ce_sum" (T^2 * sum of KL), "mlm_sum", "cos_sum", "mse_sum"
@@ -428,12 +486,15 @@ def loss_sums(
     t_flat = None if teacher_hidden is None else jax.lax.stop_gradient(teacher_hidden).reshape(n, d)
     lab_flat = labels.reshape(n).astype(jnp.int32)
     masked = lab_flat != IGNORE_INDEX
-    ce_w = _ce_row_mask(labels, attention_mask, cfg).reshape(n).astype(jnp.float32)
+    if weights is None:
+        weights, _ = loss_weights(labels, attention_mask, cfg)
+    ce_w = weights["ce"].reshape(n).astype(jnp.float32)
+    mlm_w = weights["mlm"].reshape(n).astype(jnp.float32)
     if t_flat is None:
         ce_w = jnp.zeros_like(ce_w)
 
     def all_rows(s_flat, t_flat, chunk_rows=cfg.chunk_rows):
-        return _row_sums(s_flat, t_flat, lab_flat, ce_w, student_head, teacher_head, temp, with_mse,
+        return _row_sums(s_flat, t_flat, lab_flat, ce_w, mlm_w, student_head, teacher_head, temp, with_mse,
                          chunk_rows)
 
     only_masked = teacher_hidden is None or cfg.restrict_ce_to_mask
@@ -445,9 +506,10 @@ def loss_sums(
             valid = jnp.arange(k) < out["mlm_rows"]  # unused slots: label -100, weight 0
             lab_k = jnp.where(valid, lab_flat[idx], IGNORE_INDEX)
             w_k = jnp.where(valid, ce_w[idx], 0.0)
+            m_k = jnp.where(valid, mlm_w[idx], 0.0)
             s_k = _rows_constraint(s_flat[idx])
             t_k = None if t_flat is None else _rows_constraint(t_flat[idx])
-            return _row_sums(s_k, t_k, lab_k, w_k, student_head, teacher_head, temp, with_mse,
+            return _row_sums(s_k, t_k, lab_k, w_k, m_k, student_head, teacher_head, temp, with_mse,
                              cfg.chunk_rows)
 
         def fallback(s_flat, t_flat):
@@ -463,7 +525,7 @@ def loss_sums(
     out.update(ce_sum=ce * temp**2, mlm_sum=mlm, mse_sum=mse, mlm_correct=correct, cos_sum=zero)
     if teacher_hidden is not None:
         cos = one_minus_cos_per_row(student_hidden, jax.lax.stop_gradient(teacher_hidden))
-        out["cos_sum"] = jnp.sum(cos * attention_mask.astype(jnp.float32))
+        out["cos_sum"] = jnp.sum(cos * weights["cos"])
     return out
 
 
@@ -490,6 +552,6 @@ def combine_losses(
         "loss_mlm": l_mlm,
         "loss_cos": l_cos,
         "loss_mse": l_mse,
-        "mlm_accuracy": mean("mlm_correct", "mlm_rows"),
+        "mlm_accuracy": mean("mlm_correct", "masked" if "masked" in counts else "mlm_rows"),
     }
     return total, metrics

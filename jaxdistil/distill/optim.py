@@ -89,18 +89,38 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     if cfg.total_steps < 1:
         raise UserError("optim.total_steps is not set; give the number of optimizer updates (>= 1)")
     warmup = min(cfg.warmup_steps, cfg.total_steps)
-    decay = optax.linear_schedule(cfg.learning_rate, 0.0, max(cfg.total_steps - warmup, 1))
+    if warmup == cfg.total_steps:  # all warm-up: 0 from then on, as transformers' max(1, total - warmup)
+        decay = optax.constant_schedule(0.0)
+    else:
+        decay = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_steps - warmup)
     if warmup == 0:
         return decay
     rise = optax.linear_schedule(0.0, cfg.learning_rate, warmup)
     return optax.join_schedules([rise, decay], [warmup])
 
 
-def frozen_param_paths(model_cfg: Any | None) -> tuple[str, ...]:
-    """Parameters that must not train for a model config (``/``-joined paths in the param tree)."""
-    if model_cfg is not None and getattr(model_cfg, "sinusoidal", False):
-        return ("embeddings/position_embeddings/embedding",)
-    return ()
+POSITIONS = "embeddings/position_embeddings/embedding"
+TOKEN_TYPES = "embeddings/token_type_embeddings/embedding"
+
+
+def frozen_param_paths(
+    model_cfg: Any | None, freeze_positions: bool = False, freeze_token_types: bool = False
+) -> tuple[str, ...]:
+    """Parameters that must not train (``/``-joined paths in the param tree).
+
+    The position table when asked (the reference's ``--freeze_pos_embs``) or when the DistilBERT
+    config has ``sinusoidal_pos_embds`` (transformers froze that table: ``requires_grad=False``);
+    the token-type table when asked (``--freeze_token_type_embds``), which needs a model that has one.
+    """
+    frozen = []
+    if freeze_positions or (model_cfg is not None and getattr(model_cfg, "sinusoidal", False)):
+        frozen.append(POSITIONS)
+    if freeze_token_types:
+        if model_cfg is not None and not getattr(model_cfg, "token_types", 0):
+            raise UserError(f"student.freeze_token_type_embds: the {type(model_cfg).__name__} student has no "
+                            "token-type embeddings; remove the option")
+        frozen.append(TOKEN_TYPES)
+    return tuple(frozen)
 
 
 def _is_box(x: Any) -> bool:
@@ -135,7 +155,8 @@ def trainable_mask(params: PyTree, frozen: tuple[str, ...] = ()) -> PyTree:
 
 
 def make_optimizer(
-    cfg: OptimConfig, params: PyTree | None = None, model_cfg: Any | None = None
+    cfg: OptimConfig, params: PyTree | None = None, model_cfg: Any | None = None,
+    frozen: tuple[str, ...] | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW + clipping + warm-up/decay schedule; returns ``(transformation, schedule)``.
 
@@ -143,12 +164,14 @@ def make_optimizer(
       frozen paths are checked to exist in it.
     model_cfg: the student's model config; a DistilBERT config with ``sinusoidal_pos_embds`` freezes
       the position table (its updates are zero and it is left out of clipping).
+    frozen: more paths to freeze (``frozen_param_paths``), on top of those ``model_cfg`` implies.
+      Frozen leaves get zero updates, no Adam moments, and are left out of the clipping norm.
     ``schedule(count)`` is the learning rate of update ``count`` (for logging: ``schedule(state.step)``).
     The transformation's ``init`` works on boxed params too, so ``jax.eval_shape(tx.init, boxed)``
     gives an optimizer state whose moments carry the params' logical axis names (for sharding).
     """
     schedule = make_schedule(cfg)
-    frozen = frozen_param_paths(model_cfg)
+    frozen = tuple(dict.fromkeys(frozen_param_paths(model_cfg) + tuple(frozen or ())))
     if params is not None and frozen:
         paths = set(jax.tree_util.tree_leaves(map_params(lambda path, _: path, params)))
         missing = [p for p in frozen if p not in paths]

@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdistil.data.masking import MaskingConfig, mask_tokens
 from jaxdistil.distill import sharding as shd
-from jaxdistil.distill.losses import LossConfig, combine_losses, loss_counts, loss_sums, max_masked_rows
+from jaxdistil.distill.losses import LossConfig, combine_losses, loss_sums, loss_weights, max_masked_rows
 from jaxdistil.distill.optim import OptimConfig, frozen_param_paths, trainable_global_norm
 from jaxdistil.errors import UserError
 from jaxdistil.models import build_model
@@ -78,6 +78,9 @@ class StepConfig:
     mask_id: the tokenizer's [MASK] id (103 in bert-base-uncased).
     dtype: compute dtype of both models ("float32" or "bfloat16"); params stay float32.
     remat: recompute the student's layers in the backward pass (less memory, ~1/3 more compute).
+    group_rows: with loss.normalize="group", rows [i g, (i+1) g) of a batch are masked and averaged
+      as one group (the reference's per-GPU micro-batch); unused with normalize="batch".
+    frozen: ``/``-joined paths of student parameters that get no update (``optim.frozen_param_paths``).
     """
 
     loss: LossConfig = LossConfig()
@@ -86,10 +89,15 @@ class StepConfig:
     mask_id: int = 103
     dtype: str = "float32"
     remat: bool = False
+    group_rows: int = 0
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise UserError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.loss.normalize == "group" and self.group_rows < 1:
+            raise UserError("loss.normalize=group needs loader.group_rows > 0: the rows masked and "
+                            "averaged together (the reference's per-GPU batch_size, 5)")
 
     @property
     def grad_accum_steps(self) -> int:
@@ -143,15 +151,33 @@ def _split_micro(x: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
 def mask_batch(
     batch: Mapping[str, jax.Array], token_weights: jax.Array, key: jax.Array, cfg: StepConfig, vocab_size: int
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """Masks the WHOLE batch once and counts the rows of each loss.
+    """Masks the WHOLE batch and weighs the rows of each loss, before any forward pass.
 
     batch: {input_ids, attention_mask[, segment_ids, position_ids]} [B, T].
-    Returns (inputs {input_ids (masked), labels, attention_mask[, ...]} [B, T], counts of the batch).
+    loss.normalize="batch": one masking over the batch (n = ceil(p * its real tokens)).
+    loss.normalize="group": every group of ``group_rows`` rows masked on its own (n per group), as
+      the reference masks each micro-batch.
+    Returns (inputs {input_ids (masked), labels, w_ce, w_mlm, w_cos, attention_mask[, ...]} [B, T],
+    counts: the denominators of ``combine_losses``, see ``losses.loss_weights``).
     """
-    masked_ids, labels = mask_tokens(key, batch["input_ids"], batch["attention_mask"], token_weights,
-                                     cfg.mask_id, vocab_size, cfg.masking)
-    counts = loss_counts(labels, batch["attention_mask"], cfg.loss)
-    return {"input_ids": masked_ids, "labels": labels, **_model_kwargs(batch)}, counts
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    if cfg.loss.normalize == "group":
+        b, t = ids.shape
+        g = cfg.group_rows
+        if b % g:
+            raise UserError(f"batch size {b} is not a multiple of loader.group_rows={g}")
+        keys = jax.random.split(key, b // g)
+        masked_ids, labels = jax.vmap(
+            lambda k, i, m: mask_tokens(k, i, m, token_weights, cfg.mask_id, vocab_size, cfg.masking)
+        )(keys, ids.reshape(b // g, g, t), attention.reshape(b // g, g, t))
+        masked_ids, labels = masked_ids.reshape(b, t), labels.reshape(b, t)
+    else:
+        masked_ids, labels = mask_tokens(key, ids, attention, token_weights, cfg.mask_id, vocab_size,
+                                         cfg.masking)
+    weights, counts = loss_weights(labels, attention, cfg.loss, cfg.group_rows)
+    inputs = {"input_ids": masked_ids, "labels": labels, **_model_kwargs(batch)}
+    inputs.update({f"w_{k}": w for k, w in weights.items()})
+    return inputs, counts
 
 
 def micro_batch_sums(
@@ -184,8 +210,9 @@ def micro_batch_sums(
         s_vars, mb["input_ids"], deterministic=False, rngs={"dropout": dropout_key}, method="encode", **kwargs
     ).last_hidden_state
     student_head = lambda h: student_model.apply(s_vars, h, method="mlm_logits")  # noqa: E731
+    weights = {k: mb[f"w_{k}"] for k in ("ce", "mlm", "cos")}
     sums = loss_sums(student_hidden, teacher_hidden, student_head, teacher_head, mb["labels"],
-                     mb["attention_mask"], cfg.loss, max_rows=max_rows)
+                     mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights)
     return {key: sums[key] for key in SUM_KEYS}
 
 
@@ -212,7 +239,12 @@ def accumulate_grads(
     batch, length = inputs["input_ids"].shape
     if batch % k:
         raise UserError(f"batch size {batch} is not a multiple of grad_accum_steps={k}")
-    max_rows = max_masked_rows(batch // k, length, cfg.masking.mlm_mask_prop)
+    # The masking ran on the whole batch (or on groups spread over the micro-batches), so a
+    # micro-batch gets a random share of the masked positions: the bound needs its margin; groups
+    # each round their count up, by at most one position per group.
+    max_rows = max_masked_rows(batch // k, length, cfg.masking.mlm_mask_prop, masked_batch=batch)
+    if cfg.loss.normalize == "group":
+        max_rows = min(batch // k * length, max_rows + batch // cfg.group_rows)
 
     def loss_fn(p, mb, dkey):
         sums = micro_batch_sums(student_model, teacher_model, cfg, p, teacher_params, mb, dkey, max_rows)
@@ -270,7 +302,7 @@ def make_train_step(
     """
     _check_models(student_model, teacher_model, cfg)
     vocab = student_model.cfg.vocab_size
-    frozen = frozen_param_paths(student_model.cfg)
+    frozen = tuple(dict.fromkeys(frozen_param_paths(student_model.cfg) + cfg.frozen))
     repl = shd.replicated(mesh)
 
     def train_step(state: TrainState, teacher_params, batch, token_weights):

@@ -14,6 +14,7 @@ import re
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -89,10 +90,16 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: PyTorch .bin weights need torch to read (pip install torch), "
                         "or convert the checkpoint to safetensors") from err
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError/RuntimeError for unsafe or corrupt files
-        raise UserError(f"{path}: cannot read it with torch.load(weights_only=True) ({err}); "
-                        "convert the checkpoint to safetensors") from err
+        with warnings.catch_warnings():  # torch's own warnings would add lines to the one-line error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for code in the pickle, RuntimeError for a corrupt file
+        # torch's message runs over several lines (and suggests weights_only=False, which would run
+        # the pickle's code): keep its first line only.
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"{path}: torch.load(weights_only=True) refused it ({type(err).__name__}: "
+                        f"{first[:200]}); it may hold code rather than only tensors: convert the "
+                        "checkpoint to safetensors (save_pretrained(..., safe_serialization=True))") from None
     if not isinstance(state, Mapping):
         raise UserError(f"{path}: not a state dict; save the model with save_pretrained")
     out = {}

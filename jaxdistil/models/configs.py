@@ -57,6 +57,8 @@ class BertConfig:
     mlp = property(lambda self: self.intermediate_size)
     act = property(lambda self: self.hidden_act)
     dropout = property(lambda self: self.hidden_dropout_prob)
+    # BertSelfOutput drops the attention block's output before its residual LayerNorm.
+    attention_output_dropout = property(lambda self: self.hidden_dropout_prob)
     attention_dropout = property(lambda self: self.attention_probs_dropout_prob)
     ln_eps = property(lambda self: self.layer_norm_eps)
     token_types = property(lambda self: self.type_vocab_size)
@@ -98,6 +100,8 @@ class DistilBertConfig:
     heads = property(lambda self: self.n_heads)
     mlp = property(lambda self: self.hidden_dim)
     act = property(lambda self: self.activation)
+    # TransformerBlock: sa_layer_norm(attention output + x), no dropout on the attention output.
+    attention_output_dropout = property(lambda self: 0.0)
     # DistilBERT's LayerNorms use a hard-coded eps of 1e-12 in transformers.
     ln_eps = property(lambda self: 1e-12)
     token_types = property(lambda self: 0)

@@ -183,7 +183,8 @@ class TransformerLayer(nn.Module):
             cfg.hidden, axis=(-2, -1), dtype=dt, param_dtype=pdt, name="out_lin",
             kernel_init=_normal(std, ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
         )(ctx)
-        attn = nn.Dropout(cfg.dropout)(attn, deterministic=self.deterministic)
+        # BERT drops the attention output here (BertSelfOutput); DistilBERT does not (rate 0).
+        attn = nn.Dropout(cfg.attention_output_dropout)(attn, deterministic=self.deterministic)
         h = _layer_norm(cfg, dt, pdt, "sa_layer_norm")(attn + x)
         h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
 
