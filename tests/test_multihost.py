@@ -308,6 +308,45 @@ def test_distributed_init_psum_over_gloo(tmp_path):
     assert f"[p0] {full}" in out and f"[p1] {full}" in out
 
 
+RUN_LOCK = """
+    import json, sys
+    from pathlib import Path
+    from jaxdistil import distributed as dist, rundir
+    from jaxdistil.errors import UserError
+    info = dist.initialize("auto")
+    try:
+        with rundir.hold(Path(sys.argv[1])) as lock:
+            holder = json.loads((Path(sys.argv[1]) / "lock.json").read_text())
+            print(f"held by pid {holder['pid']}; mine={lock is not None}", flush=True)
+            dist.barrier("inside")
+    except UserError as err:
+        print(f"refused: {err}", flush=True)
+        sys.exit(2)
+"""
+
+
+def test_a_multiprocess_job_holds_one_lock(tmp_path):
+    """Process 0 takes the run dir's lock once the job is up, the others wait for its outcome:
+    either every process goes on, or every one stops with the same one-line error."""
+    from jaxdistil import rundir
+
+    child = _script(tmp_path, "lock.py", RUN_LOCK)
+    run = tmp_path / "run"
+    res = _run_launch(["--num-processes", "2", "--", str(child), str(run)], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    p0 = [line for line in res.stdout.splitlines() if line.startswith("[p0] held by pid")]
+    p1 = [line for line in res.stdout.splitlines() if line.startswith("[p1] held by pid")]
+    assert p0 and p1 and p0[0].endswith("mine=True") and p1[0].endswith("mine=False")
+    assert p0[0].split("pid ")[1].split(";")[0] == p1[0].split("pid ")[1].split(";")[0]  # one holder
+    assert not (run / "lock.json").exists()  # released
+    with rundir.RunLock(run):  # held by this test process: the whole job is refused
+        res = _run_launch(["--num-processes", "2", "--", str(child), str(run)], timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    refused = [line for line in res.stdout.splitlines() if "refused: run dir" in line]
+    assert len(refused) == 2 and f"pid {os.getpid()}" in refused[0]
+    assert refused[0].split("refused: ")[1] == refused[1].split("refused: ")[1]
+
+
 def test_initialize_after_jax_use_is_an_error(tmp_path):
     child = _script(tmp_path, "late.py", """
         import jax

@@ -67,10 +67,10 @@ def run_config(run_dir: Path, data: Path, teacher: Path) -> dict:
         "teacher": {"model": str(teacher)},
         "student": {"init": "teacher", "layers": [1]},
         "data": {"dir": str(data)},
-        "loader": {"batch_size": 8, "max_len": 32, "buckets": [32], "read_threads": 1, "prefetch": 0},
+        "loader": {"batch_size": 16, "max_len": 32, "buckets": [32], "read_threads": 1, "prefetch": 0},
         "optim": {"learning_rate": 1e-3, "grad_accum_steps": 2},
         "train": {"steps": STEPS, "eval_every": 4, "eval_batches": 2, "log_every": 1},
-        "checkpoint": {"every": 4, "keep": 3, "keep_best": 0, "async_save": False},
+        "checkpoint": {"every": 4, "keep": 2, "keep_best": 0, "async_save": False},
         "logging": {"progress": False, "tensorboard": False, "peak_tflops": 1.0},
     }
 
