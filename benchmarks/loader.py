@@ -119,16 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     data_dir = args.data
     if data_dir is None:
-        from jaxdistil.data.prepare import prepare
+        from jaxdistil.data.prepare import PrepareConfig, prepare
 
         tmp = tempfile.TemporaryDirectory(prefix="jaxdistil-loader-bench-")
         data_dir = os.path.join(tmp.name, "data")
         start = time.perf_counter()
         man = prepare(
-            "builtin:python-docs",
-            "train:8000",
-            data_dir,
-            max_len=128,
+            PrepareConfig("builtin:python-docs", "train:8000", data_dir, max_len=128),
             progress=False,
             log=lambda m: print("  prepare: " + m, flush=True),
         )

@@ -105,23 +105,12 @@ def other_load() -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_flops_per_token(layers: int, hidden: int, mlp: int, vocab: int, seq: int) -> int:
-    """Matmul FLOPs (2 per multiply-add) of one forward pass per token, vocab projection included.
-
-    Per layer: q/k/v/out projections 4 * 2*D*D, FFN 2 * 2*D*F, attention scores and
-    probs @ values 2 * 2*T*D. MLM head: transform 2*D*D and projection 2*D*V. Embedding gathers,
-    layer norms, softmax and the losses are not matmuls and are left out (as MFU conventions do).
-    """
-    per_layer = 8 * hidden * hidden + 4 * hidden * mlp + 4 * seq * hidden
-    head = 2 * hidden * hidden + 2 * hidden * vocab
-    return layers * per_layer + head
-
-
 def step_flops_per_token(teacher, student, seq: int) -> int:
-    """Student forward + backward (3x forward) plus the teacher's forward (1x)."""
-    t = forward_flops_per_token(teacher.layers, teacher.hidden, teacher.mlp, teacher.vocab_size, seq)
-    s = forward_flops_per_token(student.layers, student.hidden, student.mlp, student.vocab_size, seq)
-    return 3 * s + t
+    """Student forward + backward (3x forward) plus the teacher's forward (1x):
+    ``jaxdistil.models.flops``, the FLOP model of the training runs' MFU."""
+    from jaxdistil.models.flops import train_flops_per_token
+
+    return int(train_flops_per_token(student, teacher, seq))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +251,7 @@ class JaxStep:
 
 
 def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: str, dropout: bool):
-    """jaxdistil's own train step (``jaxdistil.distill.step.make_train_step``) on one device.
+    """jaxdistil's own train step (``jaxdistil.distill.builder.DistillStep``) on one device.
 
     Returns (jitted step, student TrainState, (teacher params, batch, token weights)); call
     ``step(state, *rest) -> (state, metrics)``. Same recipe as the PyTorch side: triple loss over
@@ -271,11 +260,10 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
     import jax
 
     from jaxdistil.distill import sharding as shd
+    from jaxdistil.distill.builder import DistillStep, StepSpec
     from jaxdistil.distill.losses import LossConfig
-    from jaxdistil.distill.optim import OptimConfig, make_optimizer
-    from jaxdistil.distill.step import (
-        StepConfig, build_models, init_train_state, make_train_step, shard_teacher)
-    from jaxdistil.models import init_params
+    from jaxdistil.distill.optim import OptimConfig
+    from jaxdistil.distill.step import StepConfig
 
     if not dropout:
         student_cfg = _no_dropout(student_cfg)
@@ -285,15 +273,10 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
                           max_grad_norm=MAX_GRAD_NORM, warmup_prop=WARMUP_STEPS / TOTAL_STEPS,
                           total_steps=TOTAL_STEPS),
         mask_id=MASK_ID, dtype="bfloat16" if dtype == "bf16" else "float32")
-    mesh = shd.make_mesh(shd.MeshConfig(data=1), devices=jax.devices()[:1])
-    student, teacher = build_models(cfg, student_cfg, teacher_cfg)
-    tx, schedule = make_optimizer(cfg.optim, model_cfg=student_cfg)
-    state, shardings = init_train_state(student, jax.random.PRNGKey(1), tx, mesh)
-    t_params, t_shardings = shard_teacher(teacher, init_params(teacher, jax.random.PRNGKey(0)), mesh)
-    step = make_train_step(student, teacher, cfg, tx, schedule, mesh, shd.RULES, shardings, t_shardings)
-    placed = shd.shard_batch(batch, mesh)
-    weights = jax.device_put(token_weights, shd.replicated(mesh))
-    return step, state, (t_params, placed, weights)
+    built = DistillStep(StepSpec(student_cfg, teacher_cfg, cfg, shd.MeshConfig(data=1)), devices=jax.devices()[:1])
+    state = built.init_state(jax.random.PRNGKey(1))
+    t_params = built.random_teacher(jax.random.PRNGKey(0))
+    return built.train_step, state, (t_params, built.shard_batch(batch), built.replicate(token_weights))
 
 
 def _no_dropout(cfg):

@@ -1,21 +1,28 @@
-"""Checkpoints of a run (orbax ``CheckpointManager``), and ``restore_params`` for the trained student.
+"""Checkpoints of a run: a ``TrainState`` and the data iterator's state (orbax ``CheckpointManager``).
 
 A run checkpoint ``RUN/checkpoints/<step>/`` holds four items:
 
   params     the student's parameters (orbax array format, sharded as they were in memory)
   opt_state  the optimizer state
-  meta       JSON: step, the run's base PRNG key data, the eval loss when there was an evaluation
-  data       the data iterator's state, one JSON file per process (each host reads its own shard)
+  meta       JSON: step, the run's base PRNG key data, the ranking metric when there was an evaluation
+  data       the data iterator's state, one JSON file per process, opaque to this module
+
+``save(state, data_state)`` writes a ``TrainState`` and whatever ``iterator.get_state()`` gave;
+``restore(abstract_state)`` gives back a ``TrainState`` placed like the abstract one and the list of
+every process's saved iterator state (the iterator knows what to take from it).
 
 Saves are asynchronous: ``save`` returns once the arrays are copied off the accelerator and the
 files are written by a background thread. Orbax writes each step into a temporary directory and
 renames it when complete, so a process killed mid-save leaves only a temporary directory, which
-is never mistaken for a checkpoint (and is removed on the next start).
+is never mistaken for a checkpoint (and is removed on the next start). A save that fails (disk
+full, permission denied, the directory removed underneath) raises a one-line ``UserError`` naming
+the step, the cause and the checkpoints that are still intact.
 
 Restoring reads the latest complete step; if it cannot be read (a corrupt or truncated file), the
-step is moved to ``RUN/checkpoints-corrupt/`` and the previous one is tried, with a warning.
-Passing abstract arrays that carry shardings (``jax.ShapeDtypeStruct(..., sharding=...)``) restores
-straight onto a different mesh than the one that saved.
+step is moved to ``RUN/checkpoints-corrupt/`` and the previous one is tried, with a warning
+(read-only users such as ``restore_params`` skip it instead). Abstract arrays that carry shardings
+(``jax.ShapeDtypeStruct(..., sharding=...)``) restore straight onto another mesh than the one that
+saved.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +42,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
+from jaxdistil.distill.step import TrainState
 from jaxdistil.errors import UserError
-from jaxdistil.models import ModelConfig, load_config
+from jaxdistil.models import ModelConfig, build_model, init_params, load_config
+from jaxdistil.models.classification import ClassifierHead, build_classifier
 from jaxdistil.models.configs import ConfigError
+from jaxdistil.pytrees import path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +80,8 @@ class CheckpointConfig:
 
 
 class DataStateHandler(ocp.CheckpointHandler):
-    """Writes the data iterator state captured at save time, one file per process.
+    """Writes the data iterator state captured at save time, one file per process; restores the
+    list of all processes' states, in process order.
 
     The state is captured by the caller (``iterator.get_state()``) when ``save`` is called, so an
     asynchronous save can never record a later position than the one the params belong to.
@@ -79,22 +92,12 @@ class DataStateHandler(ocp.CheckpointHandler):
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         (directory / name).write_text(json.dumps(args.state))
 
-    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
-        states = [json.loads(p.read_text()) for p in sorted(directory.glob("process_*-of-*.json"))]
-        if states and all(isinstance(st, dict) and "shards" in st and "num_shards" in st for st in states):
-            # jaxdistil.distributed.ShardedBatches states are keyed by data shard: merged, every
-            # process finds the shards it reads, also with another number of processes.
-            return {
-                "num_shards": states[0]["num_shards"],
-                "shards": {k: v for st in states for k, v in st["shards"].items()},
-            }
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        path = directory / name
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} missing: the checkpoint was written by a different number of processes"
-            )
-        return json.loads(path.read_text())
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> list[Any]:
+        def index(path) -> int:
+            return int(path.name.split("_", 1)[1].split("-of-")[0])
+
+        files = sorted(directory.glob("process_*-of-*.json"), key=index)
+        return [json.loads(p.read_text()) for p in files]
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -155,14 +158,18 @@ def _quiet_orbax_errors():
 
 @dataclasses.dataclass
 class Restored:
-    """What ``RunCheckpointer.restore`` returns; arrays carry the requested shardings."""
+    """What ``RunCheckpointer.restore`` returns; arrays carry the requested shardings.
 
-    step: int
-    params: Any
-    opt_state: Any
-    rng: np.ndarray  # uint32 key data of the run's base key
-    data_state: Any  # the iterator state to ``set_state`` (None if none was saved)
+    data_states: every saving process's iterator state, in process order (None when not asked).
+    """
+
+    state: TrainState
+    data_states: list[Any] | None
     meta: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
 
 
 def _warn(message: str) -> None:
@@ -170,28 +177,14 @@ def _warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _path(path: tuple) -> str:
-    """A tree path as ``a/b/0/c``: orbax's metadata turns named tuples (optax states) into dicts,
-    so ``[1].count`` in memory is ``[1]['count']`` on disk; both read ``1/count`` here."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def _shape_mismatches(abstract: Any, stored: Any, prefix: str) -> list[str]:
     """Leaf paths whose stored shape differs from the abstract target (or that exist in one only)."""
-    want = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
     have = {}
     for p, x in jax.tree_util.tree_leaves_with_path(stored):
         shape = getattr(x, "shape", None)
         if shape is not None:
-            have[_path(p)] = tuple(shape)
+            have[path_str(p)] = tuple(shape)
     out = []
     for key in sorted(set(want) | set(have)):
         if want.get(key) != have.get(key):
@@ -225,14 +218,22 @@ def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
     )
 
 
+def _placed(value: Any, like: Any) -> jax.Array:
+    """A host value put where the abstract array ``like`` says (its sharding), in its dtype."""
+    return jax.device_put(np.asarray(value, dtype=like.dtype), like.sharding)
+
+
 class RunCheckpointer:
     """The run's ``CheckpointManager`` (``RUN/checkpoints``); call from every process.
 
-    Keeps the latest ``cfg.keep`` steps and, with ``cfg.keep_best``, the best steps by ``eval_loss``.
+    Keeps the latest ``cfg.keep`` steps and, with ``cfg.keep_best``, the best steps by ``metric``
+    (``eval_loss``, lower is better, by default; a fine-tuning run ranks by its task score).
     """
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None, read_only: bool = False,
+                 metric: str = "eval_loss", higher_is_better: bool = False):
         cfg = cfg or CheckpointConfig()
+        self.metric = metric
         self.run_dir = Path(run_dir).absolute()
         self.directory = self.run_dir / "checkpoints"
         self.cfg = cfg
@@ -243,8 +244,8 @@ class RunCheckpointer:
         if cfg.keep_best:
             policies.append(
                 ocp.checkpoint_managers.BestN(
-                    # BestN keeps the last n in ascending order of the metric: rank by -loss.
-                    get_metric_fn=lambda m: -float(m["eval_loss"]),
+                    # BestN keeps the last n in ascending order of the metric (loss: rank by -loss).
+                    get_metric_fn=lambda m: (1.0 if higher_is_better else -1.0) * float(m[metric]),
                     n=cfg.keep_best,
                     keep_checkpoints_without_metrics=False,
                 )
@@ -280,43 +281,35 @@ class RunCheckpointer:
         return steps[-1] if steps else None
 
     # -- save
-    def save(
-        self,
-        step: int,
-        params: Any,
-        opt_state: Any,
-        rng: jax.Array | np.ndarray,
-        data_state: Any = None,
-        meta: dict | None = None,
-        eval_loss: float | None = None,
-    ) -> bool:
-        """Starts an (async) save of ``step``; returns False if that step is already saved.
+    def save(self, state: TrainState, data_state: Any = None, metric: float | None = None) -> bool:
+        """Starts an (async) save of ``state`` at its step; returns False if that step is saved already.
 
-        params / opt_state: pytrees of (sharded) arrays; rng: the base key (typed or raw uint32);
-        data_state: the iterator's ``get_state()`` (captured now); eval_loss ranks ``keep_best``.
+        state: the TrainState (sharded arrays; ``rng`` typed or raw uint32); data_state: the
+        iterator's ``get_state()`` (captured now); metric: the value of the ranking metric
+        (``keep_best``), recorded in meta under its name.
         """
         if self.read_only:
             raise RuntimeError("this RunCheckpointer was opened read-only")
         self.wait()  # the previous asynchronous save first (orbax would wait for it too)
+        step = int(state.step)
         if step in self.manager.all_steps():
             return False
-        rng = np.asarray(
-            jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-        )
-        info = dict(meta or {}, step=int(step), rng=rng.astype(np.uint32).tolist(), time=time.time())
+        rng = state.rng
+        rng = np.asarray(jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng)
+        info = {"step": step, "rng": rng.astype(np.uint32).tolist(), "time": time.time()}
         metrics = None
-        if eval_loss is not None:
-            info["eval_loss"] = float(eval_loss)
-            metrics = {"eval_loss": float(eval_loss)}
+        if metric is not None:
+            info[self.metric] = float(metric)
+            metrics = {self.metric: float(metric)}
         args = ocp.args.Composite(
-            params=ocp.args.PyTreeSave(params),
-            opt_state=ocp.args.PyTreeSave(opt_state),
+            params=ocp.args.PyTreeSave(state.params),
+            opt_state=ocp.args.PyTreeSave(state.opt_state),
             meta=ocp.args.JsonSave(info),
             data=DataStateSave(_jsonable_state(data_state)),
         )
         with self._save_errors(step):
-            started = bool(self.manager.save(int(step), args=args, metrics=metrics, force=True))
-        self._pending = int(step) if started and self.cfg.async_save else None
+            started = bool(self.manager.save(step, args=args, metrics=metrics, force=True))
+        self._pending = step if started and self.cfg.async_save else None
         return started
 
     @contextlib.contextmanager
@@ -329,18 +322,17 @@ class RunCheckpointer:
             except UserError:
                 raise
             except Exception as err:
-                failed = step
                 self._pending = None
                 self.failed = True
                 cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
                 try:
-                    kept = [s for s in self.all_steps() if s != failed]
+                    kept = [s for s in self.all_steps() if s != step]
                 except Exception:  # noqa: BLE001 - the directory may be gone altogether
                     kept = []
                 where = (f"the checkpoints up to step {kept[-1]} are intact" if kept
                          else "no earlier checkpoint exists")
                 raise UserError(
-                    f"saving the checkpoint of step {failed} to {self.directory} failed ({cause[:300]}); "
+                    f"saving the checkpoint of step {step} to {self.directory} failed ({cause[:300]}); "
                     f"{where}: fix the disk or permissions, then run the same command to resume"
                 ) from None
 
@@ -366,15 +358,15 @@ class RunCheckpointer:
                 self.manager.close()
 
     # -- restore
-    def check_shapes(self, step: int, abstract_params: Any, abstract_opt_state: Any | None = None) -> None:
-        """UserError if the stored arrays do not have the shapes of this run's model.
+    def check_shapes(self, step: int, abstract: dict[str, Any]) -> None:
+        """UserError if the stored arrays do not have the shapes of ``abstract`` ({item: tree}).
 
         A checkpoint whose metadata cannot be read at all is left to ``restore`` (corrupt).
         """
         metadata = self.manager.item_metadata(step)
-        problems = _shape_mismatches(abstract_params, metadata["params"], "params")
-        if abstract_opt_state is not None and not problems:
-            problems = _shape_mismatches(abstract_opt_state, metadata["opt_state"], "opt_state")
+        problems: list[str] = []
+        for item, tree in abstract.items():
+            problems = problems or _shape_mismatches(tree, metadata[item], item)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise UserError(
@@ -382,28 +374,19 @@ class RunCheckpointer:
                 f"({problems[0]}{more}); use a new run_dir or the config that made this one"
             )
 
-    def restore(
-        self, abstract_params: Any, abstract_opt_state: Any, step: int | None = None, with_data: bool = True
-    ) -> Restored | None:
-        """Restores ``step`` (default: the latest readable one) onto the given abstract arrays.
+    def _restore_latest(self, items: Callable[[], dict[str, Any]], shapes: dict[str, Any],
+                        step: int | None) -> tuple[int, dict[str, Any]] | None:
+        """The one restore loop: ``step`` (default: the latest readable one) -> (step, items).
 
-        abstract_*: pytrees of ``jax.ShapeDtypeStruct`` with ``sharding`` set (the target mesh).
-        Returns None when the run has no checkpoint. A step that fails to read is moved aside and
-        the previous one is tried (with a warning); shape mismatches raise UserError.
+        A step that fails to read is moved aside (or, read-only, skipped) and the previous one is
+        tried, with a warning; shape mismatches raise UserError; None when there is no checkpoint.
         """
         steps = self.all_steps() if step is None else [step]
-        for i, candidate in enumerate(reversed(steps)):
+        for candidate in reversed(steps):
             try:
-                self.check_shapes(candidate, abstract_params, abstract_opt_state)
-                items = {
-                    "params": _restore_args(abstract_params),
-                    "opt_state": _restore_args(abstract_opt_state),
-                    "meta": ocp.args.JsonRestore(),
-                }
-                if with_data:
-                    items["data"] = DataStateRestore()
-                out = self.manager.restore(candidate, args=ocp.args.Composite(**items))
-                meta = dict(out["meta"])
+                self.check_shapes(candidate, shapes)
+                out = self.manager.restore(candidate, args=ocp.args.Composite(**items()))
+                meta = dict(out.get("meta") or {"step": candidate})
                 if int(meta.get("step", candidate)) != candidate:
                     raise ValueError(f"meta says step {meta.get('step')}")
             except UserError:
@@ -416,21 +399,48 @@ class RunCheckpointer:
                         f"checkpoint step {candidate} in {self.directory} is unreadable ({reason}) and no "
                         f"older checkpoint remains; delete {self.directory} to start over"
                     ) from err
-                _warn(
-                    f"checkpoint step {candidate} is unreadable ({reason}); moved it to "
-                    f"{self.run_dir / 'checkpoints-corrupt'} and falling back to step {older[-1]}"
-                )
-                self._move_aside(candidate)
+                if self.read_only:
+                    _warn(f"checkpoint step {candidate} of {self.run_dir} is unreadable ({reason}); "
+                          f"using step {older[-1]}")
+                else:
+                    _warn(
+                        f"checkpoint step {candidate} is unreadable ({reason}); moved it to "
+                        f"{self.run_dir / 'checkpoints-corrupt'} and falling back to step {older[-1]}"
+                    )
+                    self._move_aside(candidate)
                 continue
-            return Restored(
-                step=candidate,
-                params=out["params"],
-                opt_state=out["opt_state"],
-                rng=np.asarray(meta["rng"], dtype=np.uint32),
-                data_state=_from_jsonable_state(out["data"]) if with_data else None,
-                meta=meta,
-            )
+            return candidate, out
         return None
+
+    def restore(self, abstract: TrainState, step: int | None = None, with_data: bool = True) -> Restored | None:
+        """Restores ``step`` (default: the latest readable one) onto ``abstract``.
+
+        abstract: a TrainState of ``jax.ShapeDtypeStruct`` with ``sharding`` set (the target mesh).
+        Returns None when the run has no checkpoint.
+        """
+
+        def items() -> dict[str, Any]:
+            out = {"params": _restore_args(abstract.params), "opt_state": _restore_args(abstract.opt_state),
+                   "meta": ocp.args.JsonRestore()}
+            if with_data:
+                out["data"] = DataStateRestore()
+            return out
+
+        found = self._restore_latest(items, {"params": abstract.params, "opt_state": abstract.opt_state}, step)
+        if found is None:
+            return None
+        candidate, out = found
+        meta = dict(out["meta"])
+        state = TrainState(step=_placed(candidate, abstract.step), params=out["params"],
+                           opt_state=out["opt_state"], rng=_placed(meta["rng"], abstract.rng))
+        data = [_from_jsonable_state(s) for s in out["data"]] if with_data else None
+        return Restored(state=state, data_states=data, meta=meta)
+
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any] | None:
+        """Only the params of ``step`` (default: the latest readable one): (step, params)."""
+        found = self._restore_latest(lambda: {"params": _restore_args(abstract_params)},
+                                     {"params": abstract_params}, step)
+        return None if found is None else (found[0], found[1]["params"])
 
     def _move_aside(self, step: int) -> None:
         """Moves a corrupt step out of the manager's directory so that it is never read or overwritten."""
@@ -440,61 +450,53 @@ class RunCheckpointer:
             dest = target / f"{step}-{int(time.time())}"
             shutil.move(str(self.directory / str(step)), str(dest))
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"jaxdistil_move_aside_{step}")
         self.manager.reload()
 
 
-def restore_params(run_dir: str | Path, step: int | None = None) -> tuple[int, ModelConfig, Any]:
-    """The trained student of a run: (step, model config, params as numpy arrays).
+def run_model_config(run_dir: str | Path) -> tuple[ModelConfig, ClassifierHead | None]:
+    """The model a run trains: ``RUN/student/config.json`` (distillation, MLM) or
+    ``RUN/model/config.json`` (fine-tuning: a sequence classifier, with its head)."""
+    run_dir = Path(run_dir)
+    for sub in ("student", "model"):
+        path = run_dir / sub / "config.json"
+        if path.is_file():
+            try:
+                cfg = load_config(path)
+                head = ClassifierHead.from_hf_dict(json.loads(path.read_text())) if sub == "model" else None
+            except (ConfigError, json.JSONDecodeError) as err:
+                raise UserError(f"{path}: {err}") from err
+            return cfg, head
+    raise UserError(f"{run_dir} is not a jaxdistil run directory (no student/config.json or model/config.json)")
 
-    run_dir: a jaxdistil run directory (``RUN/student/config.json`` + ``RUN/checkpoints``).
+
+def restore_params(run_dir: str | Path, step: int | None = None) -> tuple[int, ModelConfig, Any]:
+    """The trained model of a run: (step, model config, params as numpy arrays).
+
+    run_dir: a jaxdistil run directory (``RUN/student/`` or ``RUN/model/config.json`` + ``RUN/checkpoints``);
+    a fine-tuning run's params are its classifier's (encoder + head).
     step: a saved step; default the latest readable one.
     """
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "student" / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir} is not a jaxdistil run directory (no student/config.json)")
-    try:
-        model_cfg = load_config(cfg_path)
-    except ConfigError as err:
-        raise UserError(str(err)) from err
+    model_cfg, head = run_model_config(run_dir)
     ckpt = RunCheckpointer(run_dir, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise UserError(f"run {run_dir} has no checkpoint yet; train it for at least one save first")
-    if step is not None and step not in steps:
-        raise UserError(f"run {run_dir} has no checkpoint at step {step}; saved steps: {steps}")
-    from jaxdistil.models import build_model, init_params
-
-    abstract = jax.eval_shape(lambda: init_params(build_model(model_cfg), jax.random.PRNGKey(0)))
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract)
-    candidates = [step] if step is not None else list(reversed(steps))
-    last_err: Exception | None = None
-    for candidate in candidates:
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise UserError(f"run {run_dir} has no checkpoint yet; train it for at least one save first")
+        if step is not None and step not in steps:
+            raise UserError(f"run {run_dir} has no checkpoint at step {step}; saved steps: {steps}")
+        model = build_model(model_cfg) if head is None else build_classifier(model_cfg, head)
+        abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract)
         try:
-            meta = ckpt.manager.item_metadata(candidate)
-            problems = _shape_mismatches(abstract, meta["params"], "params")
-            if problems:
-                raise UserError(
-                    f"run {run_dir}: stored params do not match student/config.json ({problems[0]})"
-                )
-            out = ckpt.manager.restore(candidate, args=ocp.args.Composite(params=_restore_args(abstract)))
-        except UserError:
+            restored_step, params = ckpt.restore_params(abstract, step)
+        except UserError as err:
+            if "different model" in str(err):
+                raise UserError(f"run {run_dir}: stored params do not match its config.json "
+                                f"({str(err).split('(', 1)[1].split(');')[0]})") from None
             raise
-        except Exception as err:  # noqa: BLE001
-            last_err = err
-            if step is None and candidate != candidates[-1]:
-                _warn(
-                    f"checkpoint step {candidate} of {run_dir} is unreadable ({type(err).__name__}); "
-                    f"trying the previous one"
-                )
-            continue
+    finally:
         ckpt.manager.close()
-        return candidate, model_cfg, jax.tree.map(np.asarray, out["params"])
-    ckpt.manager.close()
-    raise UserError(
-        f"no readable checkpoint in {run_dir / 'checkpoints'} ({type(last_err).__name__}: {last_err})"
-    )
+    return restored_step, model_cfg, jax.tree.map(np.asarray, params)

@@ -1,7 +1,6 @@
-"""``jaxdistil`` command line: argument parsing only; every command is a library module.
+"""``jaxdistil`` command line: dispatch to the command modules of ``jaxdistil.commands``.
 
-Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; modules are
-imported only when their command runs, so ``jaxdistil --help`` stays fast.
+A command's module is imported only when that command runs, so ``jaxdistil --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,32 +9,8 @@ import argparse
 import importlib
 import sys
 
+from jaxdistil.commands import COMMANDS
 from jaxdistil.errors import UserError
-
-# command -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "selfcheck": ("jaxdistil.selfcheck", "check the Flax models against transformers' PyTorch models"),
-    "prepare": ("jaxdistil.data.prepare", "tokenize a corpus into ArrayRecord shards"),
-    "train": ("jaxdistil.train", "train (distil or MLM-pretrain) from a YAML config"),
-    "init-student": ("jaxdistil.init_student", "initialise a DistilBERT student from BERT teacher layers"),
-    "evaluate": ("jaxdistil.evaluate", "held-out MLM loss, perplexity and accuracy of a model"),
-    "export": ("jaxdistil.hf.commands", "export a run to a Hugging Face model directory"),
-    "import": ("jaxdistil.hf.commands", "import a Hugging Face model into an orbax checkpoint"),
-    "fill-mask": ("jaxdistil.fill_mask", "top-k predictions for [MASK] tokens"),
-    "demo": ("jaxdistil.demo", "the built-in end-to-end demo: tokenizer, teacher, student, report"),
-    "launch": ("jaxdistil.launch", "start N local processes for a multi-process run"),
-    "shard-study": ("jaxdistil.shard_study", "compare mesh strategies for the distillation step"),
-}
-
-
-def _load(name: str):
-    module_name = COMMANDS[name][0]
-    module = importlib.import_module(module_name)
-    # A module serving several commands exposes add_arguments_<cmd> / run_<cmd>.
-    suffix = "_" + name.replace("-", "_")
-    add = getattr(module, "add_arguments" + suffix, None) or module.add_arguments
-    run = getattr(module, "run" + suffix, None) or module.run
-    return add, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,12 +23,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     name = argv[0]
-    add, run = _load(name)
-    cmd_parser = argparse.ArgumentParser(prog=f"jaxdistil {name}", description=COMMANDS[name][1])
-    add(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
+    module_name, help_text = COMMANDS[name]
     try:
-        return int(run(args) or 0)
+        # Imported here, not at the top: each command pulls in JAX and its own libraries.
+        command = importlib.import_module(f"jaxdistil.commands.{module_name}")
+        cmd_parser = argparse.ArgumentParser(prog=f"jaxdistil {name}", description=help_text)
+        command.add_arguments(cmd_parser)
+        args = cmd_parser.parse_args(argv[1:])
+        return int(command.run(args) or 0)
     except UserError as err:
         # One line, whatever a library put in the message.
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())

@@ -20,6 +20,7 @@ Unknown keys and values of the wrong type raise ``UserError`` naming the key; a 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -37,9 +38,7 @@ from jaxdistil.distill.optim import OptimConfig
 from jaxdistil.distill.sharding import MeshConfig
 from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
-from jaxdistil.models import BertConfig, DistilBertConfig
-
-DTYPES = ("float32", "bfloat16")
+from jaxdistil.models import COMPUTE_DTYPES, BertConfig, DistilBertConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +140,8 @@ class TrainConfig:
             raise UserError("train.steps must be >= 0 and, when it is 0, train.epochs must be > 0")
         if self.eval_every < -1 or self.eval_batches < 0 or self.log_every < 1:
             raise UserError("train.eval_every must be >= -1, train.eval_batches >= 0, train.log_every >= 1")
-        if self.dtype not in DTYPES:
-            raise UserError(f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise UserError(f"train.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,8 +355,6 @@ def read_yaml(path: str | Path) -> dict:
 
 def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RunConfig:
     """RunConfig from nested plain data plus ``key=value`` overrides."""
-    import copy
-
     data = apply_overrides(copy.deepcopy(dict(data)), overrides)
     return build_section(RunConfig, data)
 

@@ -1,4 +1,4 @@
-"""``jaxdistil demo [--output DIR]``: the whole method, end to end, on a 2-core CPU in minutes.
+"""The whole method, end to end, on a 2-core CPU in minutes (``jaxdistil demo [--output DIR]``).
 
   1. data      the built-in corpus (docstrings of the Python standard library), a WordPiece
                tokenizer trained on it, tokenized into train / held-out shards (``jaxdistil prepare``)
@@ -16,16 +16,28 @@ reuses the data and the finished runs and only rebuilds the report.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import matplotlib
 import numpy as np
 
+from jaxdistil.config import load_run_config
+from jaxdistil.data.loader import LoaderConfig, eval_batches
+from jaxdistil.data.manifest import MANIFEST_NAME
+from jaxdistil.data.prepare import PrepareConfig, prepare
 from jaxdistil.errors import UserError
+from jaxdistil.evaluation import evaluate_model
+from jaxdistil.hf import export_model, load_model
+from jaxdistil.metrics import read_metrics
+from jaxdistil.models import build_model
+from jaxdistil.train import train
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 VOCAB = 2000  # WordPiece tokens trained on the corpus (a small vocabulary keeps the MLM head cheap)
@@ -56,26 +68,11 @@ def _stage(name: str) -> None:
     print(f"\n== {name}", flush=True)
 
 
-def _history(run_dir: Path) -> dict[str, list[dict]]:
-    """The run's metrics.jsonl as {"train": [...], "eval": [...]} records."""
-    out: dict[str, list[dict]] = {"train": [], "eval": []}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            out.setdefault(record["kind"], []).append(record)
-    return out
-
-
 def forward_times(
     models: list[tuple[Any, Any]], batch: dict[str, np.ndarray], repeats: int = 10
 ) -> list[float]:
     """Best wall time (s) of a jitted forward pass (logits of every token) of each (config, params)
     on ``batch``; the models take turns so that a busy machine slows them alike."""
-    import jax
-
-    from jaxdistil.models import build_model
-
     ids, mask = jax.device_put(batch["input_ids"]), jax.device_put(batch["attention_mask"])
     runs = []
     for cfg, params in models:
@@ -95,11 +92,6 @@ def forward_times(
 
 def plot(report: dict[str, Any], teacher_hist: dict, student_hist: dict, path: Path) -> None:
     """Loss curves of both runs and held-out accuracy, as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     t_train = teacher_hist["train"]
     s_train = student_hist["train"]
@@ -179,15 +171,6 @@ def demo(
     export: bool = True,
 ) -> dict[str, Any]:
     """Runs the demo into ``output`` and returns the report (also written to report.json / .png)."""
-    import jax
-
-    from jaxdistil.config import load_run_config
-    from jaxdistil.data.manifest import MANIFEST_NAME
-    from jaxdistil.data.prepare import prepare
-    from jaxdistil.evaluate import evaluate_model
-    from jaxdistil.hf import load_model
-    from jaxdistil.train import train
-
     out = Path(output).expanduser().absolute()
     start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -201,7 +184,7 @@ def demo(
     else:
         _stage("data: the built-in corpus -> WordPiece tokenizer -> tokenized shards")
         out.mkdir(parents=True, exist_ok=True)
-        prepare("builtin:python-docs", f"train:{VOCAB}", data_dir, max_len=MAX_LEN, force=True)
+        prepare(PrepareConfig("builtin:python-docs", f"train:{VOCAB}", data_dir, max_len=MAX_LEN, force=True))
     seconds["data"] = time.perf_counter() - t0
 
     # 2. teacher: MLM-only pre-training of a small BERT
@@ -233,8 +216,6 @@ def demo(
     t_eval = evaluate_model(str(teacher_dir), str(data_dir), batch_size=32, max_len=MAX_LEN)
     s_eval = evaluate_model(str(student_dir), str(data_dir), batch_size=32, max_len=MAX_LEN)
     teacher, student = load_model(str(teacher_dir)), load_model(str(student_dir))
-    from jaxdistil.data.loader import LoaderConfig, eval_batches
-
     batch = next(
         iter(eval_batches(str(data_dir), LoaderConfig(batch_size=32, max_len=MAX_LEN, buckets=(MAX_LEN,))))
     )
@@ -248,8 +229,6 @@ def demo(
     export_note = "skipped"
     if export:
         _stage("export: the student as a Hugging Face DistilBertForMaskedLM")
-        from jaxdistil.hf import export_model
-
         rep = export_model(str(student_dir), out / "student-hf", force=True)
         export_note = (
             f"{rep.output} (transformers logits match within {rep.max_abs_diff:.1e})"
@@ -274,7 +253,7 @@ def demo(
 
     # The student's run evaluated it at step 0 (teacher layers copied, not yet distilled) on the same
     # held-out batches and masks as evaluate_model.
-    first = next((r for r in _history(student_dir)["eval"] if r["step"] == 0), None)
+    first = next((r for r in read_metrics(student_dir)["eval"] if r["step"] == 0), None)
     report = {
         "teacher": describe(teacher, t_eval, t_time),
         "student": describe(student, s_eval, s_time),
@@ -294,26 +273,6 @@ def demo(
     }
     report["stage_seconds"] = seconds
     report["wall_time_s"] = time.perf_counter() - start
-    plot(report, _history(teacher_dir), _history(student_dir), out / "report.png")
+    plot(report, read_metrics(teacher_dir), read_metrics(student_dir), out / "report.png")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="demo-out", help="directory for data, runs, export and report")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's updates")
-    parser.add_argument("--student-steps", type=int, default=None, help="override the student's updates")
-    parser.add_argument("--no-export", action="store_true", help="skip the Hugging Face export")
-
-
-def run(args: argparse.Namespace) -> int:
-    report = demo(
-        args.output,
-        teacher_steps=args.teacher_steps,
-        student_steps=args.student_steps,
-        export=not args.no_export,
-    )
-    print("\n== report (" + str(Path(report["output"]) / "report.json") + ", report.png)")
-    print(format_report(report))
-    sys.stdout.flush()
-    return 0

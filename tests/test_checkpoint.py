@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdistil.checkpoint import CheckpointConfig, RunCheckpointer, restore_params
+from jaxdistil.distill.step import TrainState
 from jaxdistil.errors import UserError
 from jaxdistil.models import DistilBertConfig, build_model, init_params, save_config
 
@@ -38,28 +39,42 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _train_state(step, params, opt, rng) -> TrainState:
+    return TrainState(step=jnp.int32(step), params=params, opt_state=opt, rng=rng)
+
+
+def _abstract_state(params, opt, params_sh=None, opt_sh=None) -> TrainState:
+    """Restore target: the state's shapes on the given shardings (default: where they are)."""
+    params_sh = params_sh or jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = opt_sh or jax.tree.map(lambda x: x.sharding, opt)
+    rep = NamedSharding(jax.tree.leaves(params_sh)[0].mesh, P())
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=_abstract(params, params_sh),
+                      opt_state=_abstract(opt, opt_sh), rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+
+
 def test_save_restore_and_what_is_kept(tmp_path):
     mesh = _mesh((8,), ("data",))
     ckpt = RunCheckpointer(tmp_path, CheckpointConfig(keep=2, keep_best=1))
     for step in range(1, 6):
         params, opt = _state(mesh, scale=float(step))
         loss = {2: 0.5, 4: 0.9}.get(step)  # step 2 is the best evaluated one
-        assert ckpt.save(
-            step, params, opt, jax.random.PRNGKey(step), data_state={"pos": step}, eval_loss=loss
-        )
-    assert not ckpt.save(5, params, opt, jax.random.PRNGKey(5))  # a step is never overwritten
+        state = _train_state(step, params, opt, jax.random.PRNGKey(step))
+        assert ckpt.save(state, data_state={"pos": step}, metric=loss)
+    assert not ckpt.save(_train_state(5, params, opt, jax.random.PRNGKey(5)))  # never overwritten
     ckpt.wait()
     assert ckpt.all_steps() == [2, 4, 5]  # latest 2, plus the best by eval loss
 
-    shardings = jax.tree.map(lambda x: x.sharding, (params, opt))
-    restored = ckpt.restore(_abstract(params, shardings[0]), _abstract(opt, shardings[1]))
-    assert restored.step == 5 and restored.data_state == {"pos": 5} and restored.meta["step"] == 5
-    np.testing.assert_array_equal(restored.rng, np.asarray(jax.random.PRNGKey(5)))
-    for a, b in zip(jax.tree.leaves((restored.params, restored.opt_state)), jax.tree.leaves((params, opt))):
+    restored = ckpt.restore(_abstract_state(params, opt))
+    # The iterator state comes back as every saving process's state (one process here).
+    assert restored.step == 5 and restored.data_states == [{"pos": 5}] and restored.meta["step"] == 5
+    assert int(restored.state.step) == 5
+    np.testing.assert_array_equal(np.asarray(restored.state.rng), np.asarray(jax.random.PRNGKey(5)))
+    got = (restored.state.params, restored.state.opt_state)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves((params, opt))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    older = ckpt.restore(_abstract(params, shardings[0]), _abstract(opt, shardings[1]), step=2)
+    older = ckpt.restore(_abstract_state(params, opt), step=2)
     assert older.step == 2 and older.meta["eval_loss"] == 0.5
-    np.testing.assert_array_equal(np.asarray(older.params["b"]), np.full(8, 2.0))
+    np.testing.assert_array_equal(np.asarray(older.state.params["b"]), np.full(8, 2.0))
     ckpt.close()
 
 
@@ -67,20 +82,19 @@ def test_restore_onto_another_mesh(tmp_path):
     """Saved from data=8, restored onto fsdp=4 x tensor=2 with the target shardings."""
     params, opt = _state(_mesh((8,), ("data",)))
     ckpt = RunCheckpointer(tmp_path)
-    ckpt.save(3, params, opt, jax.random.PRNGKey(0), data_state=b'{"bytes": 1}')
+    ckpt.save(_train_state(3, params, opt, jax.random.PRNGKey(0)), data_state=b'{"bytes": 1}')
     ckpt.wait()
     mesh2 = _mesh((4, 2), ("fsdp", "tensor"))
     split = NamedSharding(mesh2, P("fsdp", "tensor"))
     rep = NamedSharding(mesh2, P())
     p_sh = {"w": split, "b": rep}
-    restored = RunCheckpointer(tmp_path).restore(
-        _abstract(params, p_sh), _abstract(opt, {"mu": p_sh, "count": rep})
-    )
-    w = restored.params["w"]
+    restored = RunCheckpointer(tmp_path).restore(_abstract_state(params, opt, p_sh, {"mu": p_sh, "count": rep}))
+    w = restored.state.params["w"]
     assert w.sharding == split and w.addressable_shards[0].data.shape == (4, 4)
     np.testing.assert_array_equal(np.asarray(w), np.asarray(params["w"]))
-    np.testing.assert_array_equal(np.asarray(restored.opt_state["mu"]["w"]), np.asarray(opt["mu"]["w"]))
-    assert restored.data_state == b'{"bytes": 1}'  # grain DataLoader states are bytes
+    np.testing.assert_array_equal(np.asarray(restored.state.opt_state["mu"]["w"]), np.asarray(opt["mu"]["w"]))
+    assert restored.state.rng.sharding == rep
+    assert restored.data_states == [b'{"bytes": 1}']  # grain DataLoader states are bytes
 
 
 def test_corrupt_and_half_written_checkpoints(tmp_path, capsys):
@@ -88,7 +102,7 @@ def test_corrupt_and_half_written_checkpoints(tmp_path, capsys):
     params, opt = _state(mesh)
     ckpt = RunCheckpointer(tmp_path, CheckpointConfig(keep=5, keep_best=0))
     for step in (1, 2, 3):
-        ckpt.save(step, params, opt, jax.random.PRNGKey(step))
+        ckpt.save(_train_state(step, params, opt, jax.random.PRNGKey(step)))
     ckpt.close()
     # A save killed half-way leaves a temporary directory: never a step, removed on the next start.
     tmp = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-99"
@@ -97,11 +111,10 @@ def test_corrupt_and_half_written_checkpoints(tmp_path, capsys):
     for f in (tmp_path / "checkpoints" / "3" / "params").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\0garbage")
-    shardings = jax.tree.map(lambda x: x.sharding, (params, opt))
-    abstract = (_abstract(params, shardings[0]), _abstract(opt, shardings[1]))
+    abstract = _abstract_state(params, opt)
     ckpt = RunCheckpointer(tmp_path, CheckpointConfig(keep=5, keep_best=0))
     assert ckpt.all_steps() == [1, 2, 3]
-    restored = ckpt.restore(*abstract)
+    restored = ckpt.restore(abstract)
     assert restored.step == 2
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert (
@@ -111,7 +124,7 @@ def test_corrupt_and_half_written_checkpoints(tmp_path, capsys):
     )
     assert ckpt.all_steps() == [1, 2] and len(list((tmp_path / "checkpoints-corrupt").iterdir())) == 1
     # Saving step 3 again works (the corrupt one was moved aside, not left in the way).
-    assert ckpt.save(3, params, opt, jax.random.PRNGKey(3))
+    assert ckpt.save(_train_state(3, params, opt, jax.random.PRNGKey(3)))
     ckpt.close()
     assert not tmp.exists()  # removed by the manager (in the background; saving waits for it)
 
@@ -119,23 +132,20 @@ def test_corrupt_and_half_written_checkpoints(tmp_path, capsys):
     for step in ("1", "2", "3"):
         shutil.rmtree(tmp_path / "checkpoints" / step / "opt_state")
     with pytest.raises(UserError, match="no older checkpoint remains"):
-        RunCheckpointer(tmp_path).restore(*abstract)
+        RunCheckpointer(tmp_path).restore(abstract)
 
 
 def test_shape_mismatch_is_a_user_error_not_a_fallback(tmp_path):
     params, opt = _state(_mesh((8,), ("data",)))
     ckpt = RunCheckpointer(tmp_path)
-    ckpt.save(1, params, opt, jax.random.PRNGKey(0))
-    ckpt.save(2, params, opt, jax.random.PRNGKey(0))
+    ckpt.save(_train_state(1, params, opt, jax.random.PRNGKey(0)))
+    ckpt.save(_train_state(2, params, opt, jax.random.PRNGKey(0)))
     ckpt.wait()
     rep = NamedSharding(_mesh((8,), ("data",)), P())
-    bigger = {
-        "w": jax.ShapeDtypeStruct((16, 9), jnp.float32, sharding=rep),
-        "b": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=rep),
-    }
-    opt_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), opt)
+    bigger = {"w": jnp.zeros((16, 9)), "b": jnp.zeros((8,))}
+    abstract = _abstract_state(bigger, opt, {"w": rep, "b": rep}, jax.tree.map(lambda _: rep, opt))
     with pytest.raises(UserError, match=r"different model.*params/w: stored \(16, 8\) vs expected \(16, 9\)"):
-        ckpt.restore(bigger, opt_abs)
+        ckpt.restore(abstract)
     assert ckpt.all_steps() == [1, 2]  # nothing moved aside
     ckpt.close()
 
@@ -150,7 +160,7 @@ def test_restore_params(tmp_path):
     save_config(cfg, tmp_path / "student")
     ckpt = RunCheckpointer(tmp_path)
     for step, p in zip((10, 20), params):
-        ckpt.save(step, jax.device_put(p), {"count": jnp.int32(step)}, jax.random.PRNGKey(0))
+        ckpt.save(_train_state(step, jax.device_put(p), {"count": jnp.int32(step)}, jax.random.PRNGKey(0)))
     ckpt.close()
 
     step, got_cfg, got = restore_params(tmp_path)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxdistil.data import manifest, prepare
+from jaxdistil.data.corpus import SourceOptions
 from jaxdistil.data.loader import LoaderConfig, bucket_lengths, eval_batches, make_loader
 from jaxdistil.errors import UserError
 
@@ -25,15 +26,9 @@ def data_dir(tmp_path_factory):
     lines = [f"line{i} " + " ".join(rng.choice(WORDS, rng.integers(8, 70))) for i in range(700)]
     (root / "corpus.txt").write_text("\n".join(lines))
     prepare.prepare(
-        str(root / "corpus.txt"),
-        "train:200",
-        root / "data",
-        max_len=64,
-        holdout=0.15,
-        workers=1,
-        progress=False,
-        log=lambda m: None,
-    )
+        prepare.PrepareConfig(str(root / "corpus.txt"), "train:200", root / "data", max_len=64, workers=1,
+                              options=SourceOptions(holdout=0.15)),
+        progress=False, log=lambda m: None)
     return root / "data"
 
 

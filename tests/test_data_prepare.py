@@ -1,5 +1,6 @@
 """``jaxdistil prepare``: sources -> tokenizer -> ArrayRecord shards + manifest, and its errors."""
 
+import dataclasses
 import itertools
 import json
 from collections import Counter
@@ -32,11 +33,13 @@ def records(data_dir, split="train") -> list[np.ndarray]:
 
 
 def run_prepare(source, out, tokenizer="train:300", **kw):
+    """``prepare`` with the test defaults; keyword arguments go to PrepareConfig or SourceOptions."""
+    option_names = {f.name for f in dataclasses.fields(corpus.SourceOptions)}
+    options = corpus.SourceOptions(**{k: kw.pop(k) for k in list(kw) if k in option_names})
     kw.setdefault("max_len", 32)
     kw.setdefault("workers", 1)
-    kw.setdefault("progress", False)
-    kw.setdefault("log", lambda msg: None)
-    return prepare.prepare(source, tokenizer, out, **kw)
+    cfg = prepare.PrepareConfig(source, tokenizer, out, options=options, **kw)
+    return prepare.prepare(cfg, progress=False, log=lambda msg: None)
 
 
 def reference_sequences(docs, max_len, cls, sep, unk):

@@ -34,8 +34,8 @@ def trained_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(WORDS, rng.integers(12, 30))) for _ in range(300)]
     (root / "corpus.txt").write_text("\n".join(lines) + "\n")
-    prepare.prepare(str(root / "corpus.txt"), "train:200", root / "data", max_len=32, workers=1,
-                    progress=False, log=lambda msg: None)
+    prepare.prepare(prepare.PrepareConfig(str(root / "corpus.txt"), "train:200", root / "data", max_len=32,
+                                          workers=1), progress=False, log=lambda msg: None)
     run = root / "run"
     assert cli.main([
         "train", "--config", str(ROOT / "configs" / "tiny.yaml"),

@@ -1,4 +1,4 @@
-"""Student initialisation from teacher layers (jaxdistil.init_student)."""
+"""Student initialisation from teacher layers (jaxdistil.students)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from jaxdistil import cli
 from jaxdistil.errors import UserError
 from jaxdistil.hf import load_model, save_flax_model
-from jaxdistil.init_student import PAPER_LAYERS, student_from_teacher
+from jaxdistil.students import PAPER_LAYERS, student_from_teacher
 from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_params
 
 

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from jaxdistil import distributed as dist
-from jaxdistil import launch
+from jaxdistil.data import global_batches as gb
+from jaxdistil import launcher as launch
+from jaxdistil.commands import COMMANDS
 from jaxdistil.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +132,7 @@ def test_child_env_and_command():
     assert (env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == (
         "127.0.0.1:5555", "3", "1")
     assert env["JAX_PLATFORMS"] == "cpu" and env["KEEP"] == "1"
-    assert launch.child_command(["--", "train", "--config", "c.yaml"]) == [
+    assert launch.child_command(["--", "train", "--config", "c.yaml"], COMMANDS) == [
         sys.executable, "-m", "jaxdistil.cli", "train", "--config", "c.yaml"]
     assert launch.child_command(["x.py", "1"]) == [sys.executable, "x.py", "1"]
     assert launch.child_command(["echo", "hi"]) == ["echo", "hi"]
@@ -264,6 +266,7 @@ COLLECTIVES = """
     import sys
     import numpy as np
     from jaxdistil import distributed as dist
+    from jaxdistil.data import global_batches as gb
 
     info = dist.initialize("auto")          # reads the launcher's JAX_* variables
     again = dist.initialize("auto")         # idempotent
@@ -280,8 +283,8 @@ COLLECTIVES = """
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))
     local = {"x": np.arange(4, dtype=np.float32).reshape(4, 1) + 100 * rank}
-    rows = dist.process_rows(NamedSharding(mesh, P("data")), 4 * n)
-    g = dist.global_batch(local, NamedSharding(mesh, P("data")))
+    rows = gb.process_rows(NamedSharding(mesh, P("data")), 4 * n)
+    g = gb.global_batch(local, NamedSharding(mesh, P("data")))
     print(f"rows={rows.start}:{rows.stop} shape={g['x'].shape} sum={float(dist.host_value(total(g['x'])))}",
           flush=True)
 
@@ -352,6 +355,7 @@ def test_initialize_after_jax_use_is_an_error(tmp_path):
         import jax
         jax.devices()
         from jaxdistil import distributed as dist
+        from jaxdistil.data import global_batches as gb
         dist.initialize("auto")
     """)
     res = _run_launch(["--num-processes", "2", "--", str(child)], timeout=60)
@@ -392,9 +396,9 @@ def test_sharded_batches_in_one_process():
             self.pos = state["pos"]
 
     with pytest.raises(UserError, match="4 rows does not split evenly"):
-        dist.ShardedBatches(Shard, 2, 2, NamedSharding(jax.make_mesh((8,), ("data",)), P("data")))
+        gb.ShardedBatches(Shard, 2, 2, NamedSharding(jax.make_mesh((8,), ("data",)), P("data")))
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
-    batches = dist.ShardedBatches(Shard, 2, 2, NamedSharding(mesh, P("data")), {"input_ids": 0})
+    batches = gb.ShardedBatches(Shard, 2, 2, NamedSharding(mesh, P("data")), {"input_ids": 0})
     assert batches.shards == (0, 1)
     first = next(batches)
     state = batches.get_state()
@@ -412,7 +416,8 @@ def test_sharded_batches_in_one_process():
 
 
 def test_saved_data_states_of_all_processes_are_merged(tmp_path):
-    """A checkpoint of P processes gives every shard's iterator state to any process layout."""
+    """A checkpoint of P processes gives every shard's iterator state to any process layout: the
+    checkpoint restores every process's state (opaque to it), the iterator merges them."""
     import json
 
     from etils import epath
@@ -422,8 +427,21 @@ def test_saved_data_states_of_all_processes_are_merged(tmp_path):
     for rank, shards in enumerate((("0", "1"), ("2", "3"))):
         state = {"num_shards": 4, "shards": {k: {"pos": int(k) * 10} for k in shards}}
         (tmp_path / f"process_{rank}-of-2.json").write_text(json.dumps(state))
-    merged = DataStateHandler().restore(epath.Path(tmp_path))
-    assert merged == {"num_shards": 4, "shards": {k: {"pos": int(k) * 10} for k in "0123"}}
+    states = DataStateHandler().restore(epath.Path(tmp_path))
+    assert [sorted(s["shards"]) for s in states] == [["0", "1"], ["2", "3"]]
+
+    class Shard:
+        def __init__(self, index, count):
+            self.pos = None
+
+        def set_state(self, state):
+            self.pos = state["pos"]
+
+    batches = gb.ShardedBatches(Shard, 4, 2)  # one process reading all 4 shards
+    batches.set_state(states)
+    assert [batches.iterators[i].pos for i in range(4)] == [0, 10, 20, 30]
+    with pytest.raises(UserError, match="not written by a jaxdistil run"):
+        batches.set_state([{"pos": 3}])
 
 
 def test_single_process_helpers():
@@ -437,9 +455,9 @@ def test_single_process_helpers():
     dist.barrier("single")  # no-op
     mesh = jax.make_mesh((4, 2), ("data", "tensor"), devices=jax.devices()[:8])
     sharding = NamedSharding(mesh, P("data"))
-    assert dist.process_rows(sharding, 16) == slice(0, 16)
+    assert gb.process_rows(sharding, 16) == slice(0, 16)
     batch = {"input_ids": np.arange(32, dtype=np.int32).reshape(16, 2), "lengths": np.arange(16)}
-    g = dist.global_batch(batch, sharding)
+    g = gb.global_batch(batch, sharding)
     assert g["input_ids"].sharding == sharding and g["input_ids"].shape == (16, 2)
     np.testing.assert_array_equal(dist.host_value(g["input_ids"]), batch["input_ids"])
     np.testing.assert_array_equal(dist.host_value(g["lengths"]), batch["lengths"])
@@ -451,6 +469,7 @@ SHARDED = """
     import json, sys
     import numpy as np
     from jaxdistil import distributed as dist
+    from jaxdistil.data import global_batches as gb
 
     dist.initialize("auto")
     import jax
@@ -476,11 +495,11 @@ SHARDED = """
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     sharding = NamedSharding(mesh, P("data"))
-    batches = dist.ShardedBatches(FakeShard, 4, 2, sharding, pad_values={"input_ids": 1})
+    batches = gb.ShardedBatches(FakeShard, 4, 2, sharding, pad_values={"input_ids": 1})
     print(f"shards={list(batches.shards)}", flush=True)
 
     def whole(local):
-        g = dist.global_batch(local, sharding)
+        g = gb.global_batch(local, sharding)
         return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)).tolist()
                 for k, v in g.items()}
 
@@ -558,15 +577,16 @@ WORDS = ("the a model data token learns from teacher student layer attention mas
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from jaxdistil.data.prepare import prepare
+    from jaxdistil.data.corpus import SourceOptions
+    from jaxdistil.data.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("mh_data")
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(WORDS, rng.integers(8, 60))) for _ in range(600)]
     (root / "corpus.txt").write_text("\n".join(lines) + "\n")
     # No held-out split: evaluation is covered elsewhere, and skipping it saves compilations here.
-    prepare(str(root / "corpus.txt"), "train:300", root / "data", max_len=32, holdout=0.0, workers=1,
-            progress=False, log=lambda msg: None)
+    prepare(PrepareConfig(str(root / "corpus.txt"), "train:300", root / "data", max_len=32, workers=1,
+                          options=SourceOptions(holdout=0.0)), progress=False, log=lambda msg: None)
     return root / "data"
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``jaxdistil shard-study``: HLO collective parsing, memory accounting, outputs, and one
+"""Tests of ``jaxdistil shard-study`` (jaxdistil.study): HLO collective parsing, memory accounting, outputs, and one
 small study on 8 CPU devices (conftest sets XLA_FLAGS) run through the CLI."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdistil import cli
-from jaxdistil import shard_study as ss
+from jaxdistil.commands import shard_study as command
+from jaxdistil.distill import sharding as shd
+from jaxdistil.study import hlo, memory, report, study as st
 from jaxdistil.errors import UserError
 from jaxdistil.models import BertConfig, save_config
 
@@ -76,20 +78,20 @@ ENTRY %main (param: f32[4,16], v: f32[64], init: (s32[], bf16[2,16])) -> f32[32,
 
 
 def test_shape_bytes_arrays_tuples_and_types():
-    assert ss.shape_bytes("f32[8,32]{1,0}") == 8 * 32 * 4
-    assert ss.shape_bytes("f32[]") == 4
-    assert ss.shape_bytes("(f32[], bf16[4,4]{1,0}, /*index=2*/s8[3])") == 4 + 32 + 3
-    assert ss.shape_bytes("(s32[], (f16[2]{0}, pred[5]{0}))") == 4 + 4 + 5
-    assert ss.shape_bytes("f8e4m3fn[16]{0}") == 16
-    assert ss.shape_bytes("s4[3]{0}") == 2  # sub-byte types round up
-    assert ss.shape_bytes("f32[<=8,2]{1,0}") == 64  # bounded dynamic dims count at the bound
-    assert ss.shape_bytes("token[]") == 0
+    assert hlo.shape_bytes("f32[8,32]{1,0}") == 8 * 32 * 4
+    assert hlo.shape_bytes("f32[]") == 4
+    assert hlo.shape_bytes("(f32[], bf16[4,4]{1,0}, /*index=2*/s8[3])") == 4 + 32 + 3
+    assert hlo.shape_bytes("(s32[], (f16[2]{0}, pred[5]{0}))") == 4 + 4 + 5
+    assert hlo.shape_bytes("f8e4m3fn[16]{0}") == 16
+    assert hlo.shape_bytes("s4[3]{0}") == 2  # sub-byte types round up
+    assert hlo.shape_bytes("f32[<=8,2]{1,0}") == 64  # bounded dynamic dims count at the bound
+    assert hlo.shape_bytes("token[]") == 0
     with pytest.raises(ValueError):
-        ss.shape_bytes("q17[4]")
+        hlo.shape_bytes("q17[4]")
 
 
 def test_collectives_async_pairs_tuples_and_loops():
-    stats = ss.collective_stats(ASYNC_HLO)
+    stats = hlo.collective_stats(ASYNC_HLO)
     # all-gather: the start/done pair once (its [32,16] output), plus 6 iterations of the loop body.
     assert stats.count["all-gather"] == 1 + 6
     assert stats.bytes["all-gather"] == 32 * 16 * 4 + 6 * 16 * 16 * 2
@@ -137,20 +139,20 @@ ENTRY %main (i: s32[], v: f32[10]) -> f32[10] {
 
 
 def test_conditional_counts_the_heaviest_branch():
-    stats = ss.collective_stats(COND_HLO)
+    stats = hlo.collective_stats(COND_HLO)
     assert stats.conditionals == 1
-    assert stats.count == {**dict.fromkeys(ss.COLLECTIVES, 0), "all-reduce": 1, "all-gather": 1}
+    assert stats.count == {**dict.fromkeys(hlo.COLLECTIVES, 0), "all-reduce": 1, "all-gather": 1}
     assert stats.bytes["all-gather"] == 400 and stats.bytes["all-reduce"] == 40
     assert stats.static_count["all-reduce"] == 2  # both branches' ops are in the text
     # Branches with equal traffic are no ambiguity.
     same = COND_HLO.replace("%big = f32[100]{0} all-gather(%b), channel_id=2, replica_groups={{0,1}}, "
                             "dimensions={0}\n", "")
-    assert ss.collective_stats(same).conditionals == 0
+    assert hlo.collective_stats(same).conditionals == 0
 
 
 def test_unknown_trip_count_is_flagged():
     text = ASYNC_HLO.replace(', backend_config={"known_trip_count":{"n":"6"}}', "")
-    stats = ss.collective_stats(text)
+    stats = hlo.collective_stats(text)
     assert stats.trip_count_unknown
     assert stats.count["all-gather"] == 2  # the loop body counts once
 
@@ -170,19 +172,19 @@ def test_compiled_program_data_vs_fsdp_collectives():
     w = jnp.ones((32, 16))
     dp = jax.jit(step, out_shardings=replicated).lower(jax.device_put(w, replicated), x).compile()
     fsdp = jax.jit(step, out_shardings=sharded).lower(jax.device_put(w, sharded), x).compile()
-    dp_stats, fsdp_stats = ss.collective_stats(dp.as_text()), ss.collective_stats(fsdp.as_text())
+    dp_stats, fsdp_stats = hlo.collective_stats(dp.as_text()), hlo.collective_stats(fsdp.as_text())
     assert dp_stats.bytes["all-reduce"] == 32 * 16 * 4  # exactly the gradient
     assert dp_stats.count["all-gather"] == 0
-    assert ss.matmul_flops(dp.as_text()) == 2 * (2 * 8 * 32 * 16)  # x @ w and x^T @ dy, 8 rows/device
+    assert hlo.matmul_flops(dp.as_text()) == 2 * (2 * 8 * 32 * 16)  # x @ w and x^T @ dy, 8 rows/device
     assert fsdp_stats.bytes["all-gather"] >= 32 * 16 * 4  # the whole weight, gathered
     reduced = fsdp_stats.bytes["all-reduce"] + fsdp_stats.bytes["reduce-scatter"]
     assert reduced > 0
 
-    mem = ss.memory_analysis(dp)
-    assert set(mem) == set(ss.MEMORY_FIELDS)
+    mem = memory.memory_analysis(dp)
+    assert set(mem) == set(memory.MEMORY_FIELDS)
     if mem["argument"] is not None:
         assert mem["argument"] >= 32 * 16 * 4 + 8 * 32 * 4
-    flops = ss.cost_flops(dp)
+    flops = memory.cost_flops(dp)
     assert flops is None or flops > 2 * 8 * 32 * 16
 
 
@@ -198,8 +200,8 @@ def test_matmul_flops_count_every_loop_iteration():
     compiled = jax.jit(jax.grad(loss)).lower(w, x).compile()
     per_layer = 2 * 8 * 32 * 32
     # 6 layers: forward h @ w, backward dh @ w^T and h^T @ dh.
-    assert ss.matmul_flops(compiled.as_text()) == 3 * 6 * per_layer
-    xla = ss.cost_flops(compiled)
+    assert hlo.matmul_flops(compiled.as_text()) == 3 * 6 * per_layer
+    xla = memory.cost_flops(compiled)
     if xla is not None:  # XLA's cost analysis counts the loop bodies once
         assert xla < 3 * 6 * per_layer
 
@@ -212,11 +214,11 @@ def test_per_device_bytes_follow_shards():
         "split_ab": jax.device_put(np.zeros((8, 4), np.int8), NamedSharding(mesh, P(("a", "b")))),
         "not_an_array": 3,
     }
-    per_device = ss.per_device_bytes(tree)
+    per_device = memory.per_device_bytes(tree)
     assert len(per_device) == 8
     assert set(per_device.values()) == {8 * 4 * 4 + 4 * 4 * 4 + 1 * 4}
-    assert ss.max_device_bytes(tree) == 128 + 64 + 4
-    assert ss.max_device_bytes({}) == 0
+    assert memory.max_device_bytes(tree) == 128 + 64 + 4
+    assert memory.max_device_bytes({}) == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,38 +227,38 @@ def test_per_device_bytes_follow_shards():
 
 
 def test_mesh_specs():
-    assert ss.parse_mesh_spec("data=2,fsdp=2,tensor=2") == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert ss.parse_mesh_spec("fsdp=4") == {"data": -1, "fsdp": 4, "tensor": 1}
-    assert ss.resolve_mesh_sizes(ss.parse_mesh_spec("fsdp=4"), 8) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert ss.mesh_label({"data": 2, "fsdp": 4, "tensor": 1}) == "data=2,fsdp=4"
-    assert ss.mesh_label({"data": 1, "fsdp": 1, "tensor": 1}) == "data=1"
+    assert shd.MeshConfig.parse("data=2,fsdp=2,tensor=2").sizes() == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert shd.MeshConfig.parse("fsdp=4").sizes() == {"data": -1, "fsdp": 4, "tensor": 1}
+    assert shd.MeshConfig.parse("fsdp=4").resolve(8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert shd.mesh_label({"data": 2, "fsdp": 4, "tensor": 1}) == "data=2,fsdp=4"
+    assert shd.mesh_label({"data": 1, "fsdp": 1, "tensor": 1}) == "data=1"
     for bad in ("pipeline=2", "data=two", "data=0", "data=2,data=4", "", "data=-1,fsdp=-1"):
         with pytest.raises(UserError):
-            ss.parse_mesh_spec(bad)
+            shd.MeshConfig.parse(bad)
     with pytest.raises(UserError, match=r"^mesh fsdp=3: fsdp=3 does not divide the 8 devices"):
-        ss.resolve_mesh_sizes(ss.parse_mesh_spec("fsdp=3"), 8, "fsdp=3")
+        shd.MeshConfig.parse("fsdp=3").resolve(8, "fsdp=3")
     with pytest.raises(UserError, match=r"data=2 x fsdp=2 = 4 devices but 8"):
-        ss.resolve_mesh_sizes(ss.parse_mesh_spec("data=2,fsdp=2"), 8)
+        shd.MeshConfig.parse("data=2,fsdp=2").resolve(8)
 
 
 def test_split_items_and_options():
-    meshes, overrides, rules = ss.split_items(
+    meshes, overrides, rules = command.split_items(
         ["data=8", "fsdp=2,tensor=4", "train.dtype=bfloat16", "rules.mlp=tensor", "mesh.rules.embed=none"])
     assert meshes == ["data=8", "fsdp=2,tensor=4"]
     assert overrides == ["train.dtype=bfloat16"]
     assert rules == ["rules.mlp=tensor", "rules.embed=none"]
-    assert ss._parse_option("xla_backend_optimization_level=0") == ("xla_backend_optimization_level", 0)
-    assert ss._parse_option("xla_cpu_enable_fast_math=false") == ("xla_cpu_enable_fast_math", False)
+    assert command._parse_option("xla_backend_optimization_level=0") == ("xla_backend_optimization_level", 0)
+    assert command._parse_option("xla_cpu_enable_fast_math=false") == ("xla_cpu_enable_fast_math", False)
     with pytest.raises(UserError):
-        ss._parse_option("novalue")
+        command._parse_option("novalue")
 
 
-def _fake_result(mesh: str, loss: float, student: int = 1000) -> ss.StrategyResult:
-    stats = ss.collective_stats(ASYNC_HLO)
-    return ss.StrategyResult(
+def _fake_result(mesh: str, loss: float, student: int = 1000) -> report.StrategyResult:
+    stats = hlo.collective_stats(ASYNC_HLO)
+    return report.StrategyResult(
         mesh=mesh, sizes={"data": 8, "fsdp": 1, "tensor": 1}, devices=8, student_param_bytes=student,
         opt_state_bytes=2 * student, teacher_param_bytes=3 * student,
-        memory={k: (None if k == "alias" else 4096) for k in ss.MEMORY_FIELDS}, collectives=stats,
+        memory={k: (None if k == "alias" else 4096) for k in memory.MEMORY_FIELDS}, collectives=stats,
         flops=2.5e9, lower_s=0.5, compile_s=1.25, step_times_s=[0.3, 0.1, 0.2], tokens_per_step=1024,
         losses=[5.0, loss],
     )
@@ -264,19 +266,19 @@ def _fake_result(mesh: str, loss: float, student: int = 1000) -> ss.StrategyResu
 
 def test_agreement_and_outputs(tmp_path):
     results = [_fake_result("data=8", 10.0), _fake_result("fsdp=8", 10.0 + 5e-5, 125)]
-    assert ss.check_agreement(results, 1e-5)  # 5e-5 <= 1e-5 * 10
+    assert report.check_agreement(results, 1e-5)  # 5e-5 <= 1e-5 * 10
     assert results[1].loss_delta == pytest.approx(5e-5)
-    assert not ss.check_agreement(results, 1e-6)
+    assert not report.check_agreement(results, 1e-6)
     assert results[1].loss_agrees is False and results[0].loss_agrees is True
     assert results[0].step_s == 0.2 and results[0].tokens_per_s == pytest.approx(1024 / 0.2)
 
-    rows = ss.table_rows(results)
-    assert len(rows) == 2 and all(len(r) == len(ss.TABLE_COLUMNS) for r in rows)
+    rows = report.table_rows(results)
+    assert len(rows) == 2 and all(len(r) == len(report.TABLE_COLUMNS) for r in rows)
     assert rows[1][1] == "125 B" and rows[0][1] == "1000 B"
-    assert ss.fmt_bytes(1536) == "1.5 KiB" and ss.fmt_bytes(None) == "n/a"
+    assert report.fmt_bytes(1536) == "1.5 KiB" and report.fmt_bytes(None) == "n/a"
 
-    report = ss.StudyReport(results, False, 1e-6, {"cpu": "test"})
-    paths = ss.write_outputs(report, tmp_path / "out", "title")
+    outcome = st.StudyReport(results, False, 1e-6, {"cpu": "test"})
+    paths = st.write_outputs(outcome, tmp_path / "out", "title")
     with open(paths["csv"]) as f:
         table = list(csv.DictReader(f))
     assert [r["mesh"] for r in table] == ["data=8", "fsdp=8"]
@@ -404,26 +406,27 @@ def test_study_errors(teacher_dir, tmp_path, capsys):
 def test_setup_from_config_and_replicate_fallback(teacher_dir, tmp_path):
     from jaxdistil.config import load_run_config
 
-    assert ss.model_config_for("bert-base-uncased", "teacher.model").hidden_size == 768
-    assert ss.model_config_for(str(teacher_dir), "teacher.model").num_attention_heads == 8
+    assert st.model_config_for("bert-base-uncased", "teacher.model").hidden_size == 768
+    assert st.model_config_for(str(teacher_dir), "teacher.model").num_attention_heads == 8
     with pytest.raises(UserError, match="no config.json"):
-        ss.model_config_for(str(tmp_path / "missing"), "teacher.model")
+        st.model_config_for(str(tmp_path / "missing"), "teacher.model")
 
     cfg = load_run_config(None, [f"teacher.model={teacher_dir}", "student.layers=0,1",
                                  "mesh.rules=[mlp=none]"])
-    setup = ss.setup_from_run_config(cfg, 8, 16, 0, ["rules.heads=none"], total_steps=3)
+    setup = st.setup_from_run_config(cfg, 8, 16, 0, ["rules.heads=none"], total_steps=3)
     assert (setup.student.n_layers, setup.student.dim, setup.batch, setup.seq) == (2, 32, 8, 16)
-    assert setup.rules == ("mlp=none", "rules.heads=none") and setup.step.optim.total_steps >= 3
-    assert setup.step.mask_id == 103 and ss.token_weights(128)[103] == 0.0
-    _, mesh, rules = ss._mesh_and_rules(setup, {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())
+    assert setup.spec.mesh.rules == ("mlp=none", "rules.heads=none") and setup.spec.step.optim.total_steps >= 3
+    assert setup.spec.step.mask_id == 103 and st.token_weights(128)[103] == 0.0
+    built, _ = st._build(setup, {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())
+    mesh, rules = built.mesh, built.rules
     assert dict(rules)["mlp"] is None and dict(rules)["heads"] is None and dict(rules)["embed"] == "fsdp"
     assert mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
-    batches = ss.synthetic_batches(setup, 2)
+    batches = st.synthetic_batches(setup, 2)
     assert batches[0]["input_ids"].shape == (8, 16) and not np.array_equal(batches[0]["input_ids"],
                                                                             batches[1]["input_ids"])
     assert ((batches[0]["input_ids"] == 0) == (batches[0]["attention_mask"] == 0)).all()
 
-    mlm_only = ss.setup_from_run_config(
+    mlm_only = st.setup_from_run_config(
         load_run_config(None, ["student.init=random",
                                ("student.config={dim: 32, n_heads: 8, hidden_dim: 30, n_layers: 1, "
                                 "vocab_size: 128, max_position_embeddings: 32}"),
@@ -432,18 +435,18 @@ def test_setup_from_config_and_replicate_fallback(teacher_dir, tmp_path):
     assert mlm_only.teacher is None
     # FFN width 30 over tensor=8: strict stops (tested through the CLI); the fallback replicates
     # that dim and the study notes it, without compiling anything here.
-    notes = ss.validate_strategy(mlm_only, {"data": 1, "fsdp": 1, "tensor": 8}, jax.devices())
+    _, notes = st._build(mlm_only, {"data": 1, "fsdp": 1, "tensor": 8}, jax.devices())
     assert notes and all("does not divide" in n for n in notes) and any("30" in n for n in notes)
 
 
 def test_captured_stderr(capfd):
     import os
 
-    with ss.captured_stderr() as log:
+    with st.captured_stderr() as log:
         os.write(2, b"W xla: Involuntary full rematerialization\n")
     assert log == ["W xla: Involuntary full rematerialization\n"]
     assert capfd.readouterr().err == ""
-    with pytest.raises(RuntimeError), ss.captured_stderr():
+    with pytest.raises(RuntimeError), st.captured_stderr():
         os.write(2, b"why it failed\n")
         raise RuntimeError("compile failed")
     assert "why it failed" in capfd.readouterr().err  # shown when the block raises

@@ -149,7 +149,7 @@ def test_make_mesh_sizes_and_errors():
     assert shd.make_mesh(shd.MeshConfig(data=-1)).shape["data"] == 8
     with pytest.raises(UserError, match="tensor=3"):
         shd.make_mesh(shd.MeshConfig(data=-1, tensor=3))
-    with pytest.raises(UserError, match="needs 16 devices"):
+    with pytest.raises(UserError, match="= 16 devices but 8 are available"):
         shd.make_mesh(shd.MeshConfig(data=4, fsdp=4))
     with pytest.raises(UserError, match="only one mesh axis"):
         shd.MeshConfig(data=-1, fsdp=-1)

@@ -64,7 +64,8 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A prepared data dir: 400 lines of synthetic text, a WordPiece vocab of ~230, max_len 32."""
-    from jaxdistil.data.prepare import prepare
+    from jaxdistil.data.corpus import SourceOptions
+    from jaxdistil.data.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
@@ -75,16 +76,8 @@ def data_dir(tmp_path_factory) -> Path:
     words += [f"{c}{v}{d}" for c in "bcdfglmnprst" for v in "aeiou" for d in "nr"]
     text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(14, 40))) for _ in range(400))
     (root / "corpus.txt").write_text(text + "\n")
-    prepare(
-        [str(root / "corpus.txt")],
-        "train:300",
-        root / "data",
-        max_len=32,
-        holdout=0.1,
-        workers=1,
-        progress=False,
-        log=lambda *a: None,
-    )
+    prepare(PrepareConfig([str(root / "corpus.txt")], "train:300", root / "data", max_len=32, workers=1,
+                          options=SourceOptions(holdout=0.1)), progress=False, log=lambda *a: None)
     return root / "data"
 
 
@@ -488,7 +481,7 @@ def test_frozen_positions_stay_bit_identical_and_export_exactly(ref_run, tmp_pat
     10 updates leave the table bit-identical, the optimizer holds no moments for it, and the export
     is exact."""
     from jaxdistil.hf import export_model, load_model
-    from jaxdistil.init_student import student_from_teacher
+    from jaxdistil.students import student_from_teacher
 
     student = {"freeze_pos_embs": True} if how == "freeze_pos_embs" else {"config": {"sinusoidal_pos_embds": True}}
     raw = _with(ref_run["raw"], tmp_path / "frozen", student=student,

@@ -6,7 +6,7 @@
   python tools/convert_weights.py to-flax --model HF_DIR_OR_HUB_ID --output FLAX_DIR [--force]
 
 A thin wrapper: the same library code as ``jaxdistil export`` / ``jaxdistil import``
-(``jaxdistil.hf.commands``); exports are verified against transformers when torch is installed.
+(``jaxdistil.commands.export`` / ``.import_model``); exports are verified against transformers when torch is installed.
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ import argparse
 import sys
 
 from jaxdistil.errors import UserError
-from jaxdistil.hf import commands
+from jaxdistil.commands import export, import_model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="direction", required=True)
-    commands.add_arguments_export(
-        sub.add_parser("to-hf", help="Flax run/model directory -> Hugging Face directory"))
-    commands.add_arguments_import(
+    export.add_arguments(sub.add_parser("to-hf", help="Flax run/model directory -> Hugging Face directory"))
+    import_model.add_arguments(
         sub.add_parser("to-flax", help="Hugging Face directory or hub id -> Flax model directory"))
     args = parser.parse_args(argv)
     try:
-        return commands.run_export(args) if args.direction == "to-hf" else commands.run_import(args)
+        return export.run(args) if args.direction == "to-hf" else import_model.run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from jaxdistil.errors import UserError
 
@@ -241,8 +242,6 @@ class TextSplit:
 
 def open_tfds(name: str, split: str, data_dir: str | None = None, download: bool = True):
     """``tfds.data_source(name, split)`` with errors turned into one-line UserErrors."""
-    import tensorflow_datasets as tfds
-
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
     except tfds.core.registered.DatasetNotFoundError:
@@ -261,51 +260,62 @@ def open_tfds(name: str, split: str, data_dir: str | None = None, download: bool
         ) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """How a source is read into splits.
+
+    holdout: fraction of documents held out for evaluation, chosen by text hash (when the source has
+      no held-out split of its own).
+    doc_mode: local files: one document per line ("line") or per blank-line-separated block ("blank").
+    text_field: tfds: the feature holding the text. tfds_split / tfds_eval_split: tfds splits (slicing
+    allowed, e.g. "train[:10%]"); tfds_data_dir: where datasets live; download: may tfds download.
+    """
+
+    holdout: float = 0.05
+    doc_mode: str = "line"
+    text_field: str = "text"
+    tfds_split: str = "train"
+    tfds_eval_split: str | None = None
+    tfds_data_dir: str | None = None
+    download: bool = True
+
+
 def open_text_splits(
-    spec: SourceSpec,
-    work_dir: str | os.PathLike,
-    *,
-    holdout: float = 0.05,
-    doc_mode: str = "line",
-    text_field: str = "text",
-    tfds_split: str = "train",
-    tfds_eval_split: str | None = None,
-    tfds_data_dir: str | None = None,
-    download: bool = True,
+    spec: SourceSpec, work_dir: str | os.PathLike, options: SourceOptions = SourceOptions()
 ) -> tuple[list[TextSplit], dict[str, Any]]:
     """The splits to tokenize for a source, and a description for the manifest.
 
     Local files and the built-in corpus are first written as a tfds dataset (ArrayRecord) under
     ``work_dir``. Returns ([train, held-out (when non-empty)], info).
     """
-    if not 0.0 <= holdout < 1.0:
-        raise UserError(f"--holdout must be in [0, 1), got {holdout}")
-    info: dict[str, Any] = {"spec": spec.describe(), "kind": spec.kind, "holdout": holdout}
-    if spec.kind in ("files", "builtin"):
-        from jaxdistil.data import builders
+    from jaxdistil.data import builders  # here: builders imports this module (split_of)
 
+    o = options
+    if not 0.0 <= o.holdout < 1.0:
+        raise UserError(f"--holdout must be in [0, 1), got {o.holdout}")
+    info: dict[str, Any] = {"spec": spec.describe(), "kind": spec.kind, "holdout": o.holdout}
+    if spec.kind in ("files", "builtin"):
         if spec.kind == "files":
             paths = expand_files(spec.patterns)
-            builder = builders.build_local_corpus(paths, work_dir, doc_mode=doc_mode, holdout=holdout)
-            info.update(files=[str(p) for p in paths], doc_mode=doc_mode)
+            builder = builders.build_local_corpus(paths, work_dir, doc_mode=o.doc_mode, holdout=o.holdout)
+            info.update(files=[str(p) for p in paths], doc_mode=o.doc_mode)
         else:
-            builder = builders.build_python_docs(work_dir, holdout=holdout)
+            builder = builders.build_python_docs(work_dir, holdout=o.holdout)
             info.update(python=python_docs_version())
         sources = builder.as_data_source()
         info["tfds"] = {"name": builder.name, "data_dir": str(builder.data_dir)}
         splits = [TextSplit(name, sources[name]) for name in (TRAIN, HELDOUT) if name in sources]
         return splits, info
 
-    source = open_tfds(spec.name, tfds_split, tfds_data_dir, download)
-    info.update(
-        tfds={"name": spec.name, "split": tfds_split, "eval_split": tfds_eval_split}, text_field=text_field
-    )
-    if tfds_eval_split:
-        heldout = open_tfds(spec.name, tfds_eval_split, tfds_data_dir, download)
-        return [TextSplit(TRAIN, source, text_field), TextSplit(HELDOUT, heldout, text_field)], info
-    if holdout == 0:
-        return [TextSplit(TRAIN, source, text_field)], info
+    source = open_tfds(spec.name, o.tfds_split, o.tfds_data_dir, o.download)
+    info.update(tfds={"name": spec.name, "split": o.tfds_split, "eval_split": o.tfds_eval_split},
+                text_field=o.text_field)
+    if o.tfds_eval_split:
+        heldout = open_tfds(spec.name, o.tfds_eval_split, o.tfds_data_dir, o.download)
+        return [TextSplit(TRAIN, source, o.text_field), TextSplit(HELDOUT, heldout, o.text_field)], info
+    if o.holdout == 0:
+        return [TextSplit(TRAIN, source, o.text_field)], info
     return [
-        TextSplit(TRAIN, source, text_field, keep=(TRAIN, holdout)),
-        TextSplit(HELDOUT, source, text_field, keep=(HELDOUT, holdout)),
+        TextSplit(TRAIN, source, o.text_field, keep=(TRAIN, o.holdout)),
+        TextSplit(HELDOUT, source, o.text_field, keep=(HELDOUT, o.holdout)),
     ], info

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from jaxdistil.data import manifest as manifest_lib
@@ -297,8 +298,6 @@ def make_dataset(
     """
     manifest = data if isinstance(data, dict) else manifest_lib.load_manifest(data)
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise UserError(f"shard_index {shard_index} is not in [0, {shard_count})")

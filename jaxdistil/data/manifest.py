@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxdistil.data.masking import token_weights_from_counts
+from jaxdistil.data.tokenization import tokenizer_hash_of_dir
 from jaxdistil.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -70,6 +72,13 @@ def check_vocab(
         )
 
 
+def check_model_vocab(manifest: dict[str, Any], loaded: Any, what: str) -> None:
+    """``check_vocab`` for a loaded model (``jaxdistil.hf.LoadedModel``): its vocabulary size and,
+    when it ships a tokenizer, that tokenizer's hash."""
+    tok_hash = tokenizer_hash_of_dir(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
+    check_vocab(manifest, loaded.config.vocab_size, tok_hash, what=what)
+
+
 def split_files(manifest: dict[str, Any], split: str) -> list[str]:
     """Absolute paths of a split's ArrayRecord shards (UserError when the split is absent)."""
     splits = manifest["splits"]
@@ -88,8 +97,6 @@ def token_counts(manifest: dict[str, Any]) -> np.ndarray:
 
 def token_weights(manifest: dict[str, Any], smoothing: float = 0.7) -> np.ndarray:
     """float32 [V] masking weights ``max(count, 1) ** -smoothing``, 0 for the special tokens."""
-    from jaxdistil.data.masking import token_weights_from_counts
-
     return token_weights_from_counts(
         token_counts(manifest), manifest["tokenizer"]["special_ids"].values(), smoothing
     )

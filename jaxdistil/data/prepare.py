@@ -1,6 +1,7 @@
-"""``jaxdistil prepare``: corpus -> tokenizer -> tokenized ArrayRecord shards + manifest.
+"""Data preparation: corpus -> tokenizer -> tokenized ArrayRecord shards + manifest (``jaxdistil prepare``).
 
-  jaxdistil prepare --source builtin:python-docs --tokenizer train:8000 --output data/pydocs --max-len 128
+  prepare(PrepareConfig("builtin:python-docs", "train:8000", "data/pydocs", max_len=128))
+  (command: jaxdistil prepare --source builtin:python-docs --tokenizer train:8000 --output data/pydocs)
 
 Steps: read the source as tfds data sources (``corpus.open_text_splits``), load or train the tokenizer
 and save it beside the data, then tokenize every split in parallel worker processes. Each worker
@@ -12,7 +13,6 @@ The manifest (``manifest.py``) is written last.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import itertools
@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 
 from jaxdistil.data import corpus, tokenization
 from jaxdistil.data import manifest as manifest_lib
@@ -112,8 +115,6 @@ def _worker_init() -> None:
 
 def _tokenizer(path: str):
     if path not in _TOKENIZERS:
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(path)
         tok.no_truncation()  # tokenizer.json files often carry a max_length (e.g. 128) and padding
         tok.no_padding()
@@ -127,8 +128,6 @@ def tokenize_shard(task: ShardTask) -> dict[str, Any]:
     Returns {"split", "index", "path" (None when nothing was kept), "stats", "counts" ([V] int64 or
     None), "read"}.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     tok = _tokenizer(task.tokenizer_file)
     stats = dict.fromkeys(STAT_KEYS, 0)
     stats["documents"] = len(task.texts)
@@ -247,61 +246,53 @@ def _describe(split: str, s: dict[str, int], shards: int) -> str:
     )
 
 
-def prepare(
-    source: str | Sequence[str],
-    tokenizer: str,
-    output: str | os.PathLike,
-    *,
-    max_len: int = 512,
-    force: bool = False,
-    holdout: float = 0.05,
-    doc_mode: str = "line",
-    text_field: str = "text",
-    tfds_split: str = "train",
-    tfds_eval_split: str | None = None,
-    tfds_data_dir: str | None = None,
-    download: bool = True,
-    workers: int | None = None,
-    lowercase: bool = True,
-    tokenizer_sample: int = 1_000_000,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Tokenize a corpus into ``output`` (see the module doc); returns the manifest.
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """What ``prepare`` reads, how it tokenizes, and where it writes.
 
     source: ``builtin:python-docs``, ``tfds:NAME[/CONFIG]`` or text files/globs (a list for several).
     tokenizer: a Hugging Face tokenizer directory (a teacher's model directory, a prepared data or
-      run directory with a ``tokenizer/`` folder) or hub id, or ``train:N``.
+      run directory with a ``tokenizer/`` folder) or hub id, or ``train:N`` (WordPiece of N tokens).
     output: the directory to write; refused when it already holds data unless ``force``.
+    max_len: longest sequence; longer documents are chunked as the reference does.
     workers: tokenizer processes (default: the CPU count). With more than one, the worker processes
-      are *spawned*, so a script calling this must guard its entry point with
+      are *spawned*, so a script calling ``prepare`` must guard its entry point with
       ``if __name__ == "__main__":`` (the ``jaxdistil`` command does).
+    lowercase / tokenizer_sample: ``train:N`` only: lower-case the text, documents to train on.
+    options: how the source is split (held-out fraction, document mode, tfds splits...).
+    """
+
+    source: str | Sequence[str]
+    tokenizer: str
+    output: str | os.PathLike
+    max_len: int = 512
+    force: bool = False
+    workers: int | None = None
+    lowercase: bool = True
+    tokenizer_sample: int = 1_000_000
+    options: corpus.SourceOptions = corpus.SourceOptions()
+
+
+def prepare(cfg: PrepareConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Tokenize a corpus into ``cfg.output`` (see the module doc); returns the manifest.
+
     log: where the report lines go (``print`` by default); ``progress`` draws a bar on stderr.
     Raises UserError for bad input (no files match, empty corpus, unknown tfds name, tokenizer
     without vocabulary, output holding data...).
     """
+    source, tokenizer, max_len, force = cfg.source, cfg.tokenizer, cfg.max_len, cfg.force
     if max_len < MAX_SHORT + 2:
         raise UserError(f"--max-len must be at least {MAX_SHORT + 2}, got {max_len}")
-    workers = workers or max(1, min(os.cpu_count() or 1, 16))
+    workers = cfg.workers or max(1, min(os.cpu_count() or 1, 16))
     spec = corpus.parse_source(source)
     train_size = tokenization.parse_train_spec(tokenizer)
     if spec.kind == "files":
         corpus.expand_files(spec.patterns)  # fail before touching --output when nothing matches
     tok = None if train_size else tokenization.load_tokenizer(tokenizer)  # fail fast on a bad tokenizer
-    out = Path(output).expanduser()
+    out = Path(cfg.output).expanduser()
 
     def open_splits():
-        return corpus.open_text_splits(
-            spec,
-            out / "text",
-            holdout=holdout,
-            doc_mode=doc_mode,
-            text_field=text_field,
-            tfds_split=tfds_split,
-            tfds_eval_split=tfds_eval_split,
-            tfds_data_dir=tfds_data_dir,
-            download=download,
-        )
+        return corpus.open_text_splits(spec, out / "text", cfg.options)
 
     # A tfds source is opened before --output is touched (a bad name leaves nothing behind); local
     # files and the built-in corpus are written into it, so they come after the check.
@@ -317,10 +308,10 @@ def prepare(
     log(f"source {spec.describe()}: " + ", ".join(f"{s.name} {len(s.source):,} examples" for s in splits))
 
     if train_size:
-        n_sample = min(len(train_split.source), tokenizer_sample)
+        n_sample = min(len(train_split.source), cfg.tokenizer_sample)
         log(f"training a WordPiece tokenizer of {train_size:,} tokens on {n_sample:,} documents")
         sample = itertools.islice(train_split.texts(0, n_sample), n_sample)
-        tok = tokenization.train_wordpiece(sample, train_size, lowercase=lowercase, length=n_sample)
+        tok = tokenization.train_wordpiece(sample, train_size, lowercase=cfg.lowercase, length=n_sample)
     tok_dir = tokenization.save_tokenizer(tok, out / "tokenizer", max_len=max_len)
     tok_info = tokenization.tokenizer_info(tok, tokenizer)
     vocab_size = tok_info["vocab_size"]
@@ -339,8 +330,6 @@ def prepare(
     counts = np.zeros(vocab_size, np.int64)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(
             total=sum(len(s.source) for s in splits),
             desc="tokenize",
@@ -400,70 +389,3 @@ def prepare(
     log(f"wrote {out}")
     manifest["data_dir"] = str(out)
     return manifest
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--source",
-        nargs="+",
-        default=[corpus.BUILTIN_PYTHON_DOCS],
-        help="builtin:python-docs (default, offline), tfds:NAME[/CONFIG], or text files/globs",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        required=True,
-        help="Hugging Face tokenizer directory or hub id (the teacher's), or train:N to train "
-        "a WordPiece tokenizer of N tokens on the corpus",
-    )
-    parser.add_argument("--output", required=True, help="directory to write (must be empty unless --force)")
-    parser.add_argument(
-        "--max-len", type=int, default=512, help="longest sequence; longer documents are chunked"
-    )
-    parser.add_argument("--force", action="store_true", help="replace prepared data already in --output")
-    parser.add_argument(
-        "--holdout",
-        type=float,
-        default=0.05,
-        help="fraction of documents held out for evaluation, chosen by text hash",
-    )
-    parser.add_argument(
-        "--doc-mode",
-        choices=("line", "blank"),
-        default="line",
-        help="local files: one document per line, or per blank-line-separated block",
-    )
-    parser.add_argument("--text-field", default="text", help="tfds: the feature holding the text")
-    parser.add_argument("--tfds-split", default="train", help="tfds: split (slicing allowed: train[:10%%])")
-    parser.add_argument(
-        "--tfds-eval-split", default=None, help="tfds: held-out split (default: --holdout of --tfds-split)"
-    )
-    parser.add_argument("--tfds-data-dir", default=None, help="tfds: data_dir where datasets live")
-    parser.add_argument("--no-download", action="store_true", help="tfds: never download or prepare")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
-    parser.add_argument("--cased", action="store_true", help="train:N: keep case (default lower-cases)")
-    parser.add_argument(
-        "--tokenizer-sample", type=int, default=1_000_000, help="train:N: documents to train the tokenizer on"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    prepare(
-        args.source,
-        args.tokenizer,
-        args.output,
-        max_len=args.max_len,
-        force=args.force,
-        holdout=args.holdout,
-        doc_mode=args.doc_mode,
-        text_field=args.text_field,
-        tfds_split=args.tfds_split,
-        tfds_eval_split=args.tfds_eval_split,
-        tfds_data_dir=args.tfds_data_dir,
-        download=not args.no_download,
-        workers=args.workers,
-        lowercase=not args.cased,
-        tokenizer_sample=args.tokenizer_sample,
-        progress=not args.quiet,
-    )
-    return 0

@@ -16,6 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
 from jaxdistil.errors import UserError
 
 # BERT's special tokens; a trained WordPiece vocabulary starts with them (ids 0..4).
@@ -30,8 +33,6 @@ TRAIN_PREFIX = "train:"
 
 
 def _transformers():
-    import transformers
-
     transformers.logging.set_verbosity_error()  # "no max_length" notices are noise here
     return transformers
 
@@ -104,8 +105,6 @@ def train_wordpiece(
     tokens [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. The vocabulary can come out smaller than
     ``vocab_size`` on a small corpus.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
     transformers = _transformers()
     tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"], max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None)

@@ -45,11 +45,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistil.data.masking import IGNORE_INDEX
 from jaxdistil.errors import UserError
 
 Head = Callable[[jax.Array], jax.Array]  # hidden [N, D] -> logits [N, V]
-
-IGNORE_INDEX = -100
 # torch.nn.functional.cosine_embedding_loss adds this to each squared norm (ATen's EPSILON).
 COS_EPS = 1e-12
 

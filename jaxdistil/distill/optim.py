@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdistil.errors import UserError
+from jaxdistil.pytrees import path_str
 
 PyTree = Any
 
@@ -127,15 +128,10 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, nn.meta.AxisMetadata)
 
 
-def param_path(path: tuple) -> str:
-    """``/``-joined dict keys of a tree path (box attributes such as ``.value`` are skipped)."""
-    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
 def map_params(fn: Callable[[str, Any], Any], params: PyTree) -> PyTree:
     """``fn(path, leaf)`` over a param tree, boxed (``nn.Partitioned``) or not; a box counts as a
     leaf, so the result is a prefix of the boxed tree and matches the unboxed one."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(param_path(p), x), params, is_leaf=_is_box)
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), params, is_leaf=_is_box)
 
 
 def is_no_decay(path: str) -> bool:

@@ -41,6 +41,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdistil.errors import UserError
+from jaxdistil.pytrees import path_str
 
 PyTree = Any
 MeshAxes = str | tuple[str, ...] | None
@@ -64,11 +65,12 @@ RULES: Rules = (
     # FSDP splits the model width, present in every matrix (and in the biases of out_lin/lin2).
     ("embed", "fsdp"),
     # Small or awkward dims stay whole: per-head width, positions, token types, the MLM transform's
-    # output, LayerNorm vectors, and the stacked-layers axis (scanned over, so never split).
+    # output, the labels of a classifier, LayerNorm vectors, and the stacked-layers axis (scanned over).
     ("kv", None),
     ("position", None),
     ("token_type", None),
     ("transform", None),
+    ("labels", None),
     ("norm", None),
     ("layers", None),
 )
@@ -100,6 +102,59 @@ class MeshConfig:
     def sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
+    @classmethod
+    def parse(cls, text: str, rules: tuple[str, ...] = ()) -> MeshConfig:
+        """``"data=2,fsdp=2,tensor=2"`` -> MeshConfig. Axes left out are 1, except ``data``, which
+        takes the devices left over (-1): ``"fsdp=4"`` on 8 devices is data=2 x fsdp=4."""
+        sizes = {"data": -1, "fsdp": 1, "tensor": 1}
+        seen = set()
+        for part in filter(None, (p.strip() for p in text.replace(" ", "").split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or key not in MESH_AXES:
+                raise UserError(
+                    f"mesh {text!r}: {part!r} is not axis=size with axis one of {', '.join(MESH_AXES)} "
+                    "(e.g. data=2,fsdp=2,tensor=2)")
+            if key in seen:
+                raise UserError(f"mesh {text!r}: axis {key} given twice")
+            seen.add(key)
+            try:
+                sizes[key] = int(value)
+            except ValueError:
+                raise UserError(f"mesh {text!r}: size of {key} must be an integer, got {value!r}") from None
+            if sizes[key] == 0 or sizes[key] < -1:
+                raise UserError(f"mesh {text!r}: size of {key} must be positive or -1 (the rest), got {value}")
+        if not seen:
+            raise UserError(f"mesh {text!r} names no axis; write e.g. data=8 or data=2,fsdp=2,tensor=2")
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise UserError(f"mesh {text!r}: only one axis may be -1 (the rest of the devices)")
+        return cls(**sizes, rules=tuple(rules))
+
+    def resolve(self, n_devices: int, label: str = "") -> dict[str, int]:
+        """The sizes on ``n_devices``: the -1 axis filled in, the product checked (one-line UserError)."""
+        out = self.sizes()
+        label = label or ",".join(f"{k}={v}" for k, v in out.items() if v != 1)
+        fixed = math.prod(v for v in out.values() if v != -1)
+        free = [k for k, v in out.items() if v == -1]
+        factors = [f"{k}={v}" for k, v in out.items() if v not in (-1, 1)]
+        parts = " x ".join(factors) + (f" = {fixed}" if len(factors) > 1 else "") if factors else "all axes 1"
+        if free:
+            if n_devices % fixed:
+                raise UserError(
+                    f"mesh {label}: {parts} does not divide the {n_devices} devices "
+                    f"({free[0]} takes the rest); use sizes whose product divides {n_devices}")
+            out[free[0]] = n_devices // fixed
+        elif fixed != n_devices:
+            raise UserError(
+                f"mesh {label}: {parts} devices but {n_devices} are available; "
+                f"make the product {n_devices} or set one axis to -1 (data takes the rest)")
+        return out
+
+
+def mesh_label(sizes: Mapping[str, int]) -> str:
+    """A mesh's short name: the axes larger than 1 (``data=2,fsdp=4``), or ``data=1``."""
+    parts = [f"{k}={sizes[k]}" for k in MESH_AXES if sizes.get(k, 1) > 1]
+    return ",".join(parts) or "data=1"
+
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` with axes (data, fsdp, tensor) over ``devices`` (default: all devices).
@@ -107,24 +162,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     Raises UserError when the sizes do not multiply to the device count.
     """
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    sizes = cfg.sizes()
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    free = [name for name, s in sizes.items() if s == -1]
-    if free:
-        if n % fixed:
-            given = " x ".join(f"{k}={v}" for k, v in sizes.items() if v != -1)
-            raise UserError(
-                f"mesh {given} (= {fixed}) does not divide the {n} devices; "
-                f"pick sizes whose product divides {n}"
-            )
-        sizes[free[0]] = n // fixed
-    elif fixed != n:
-        given = " x ".join(f"{k}={v}" for k, v in sizes.items())
-        raise UserError(
-            f"mesh {given} needs {fixed} devices but {n} are available; "
-            f"make the product {n} or set one axis to -1"
-        )
+    sizes = cfg.resolve(len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
     # Auto axes: jit/GSPMD propagates shardings from the in/out shardings and logical constraints.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
@@ -191,18 +229,6 @@ def _fmt_axes(axes: MeshAxes) -> str:
     return axes if isinstance(axes, str) else "x".join(axes)
 
 
-def _path_str(path: tuple) -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
-            parts.append(k.name)
-    return "/".join(parts)
-
-
 def logical_shardings(
     boxed_tree: PyTree, mesh: Mesh, rules: Rules = RULES, strict: bool = False
 ) -> PyTree:
@@ -226,7 +252,7 @@ def logical_shardings(
         for dim, (axes, size, name) in enumerate(zip(spec, shape, names)):
             n = _axes_size(mesh, axes)
             if size % n:
-                msg = (f"{_path_str(path)}: dim {dim} ({name}) of size {size} does not divide by mesh "
+                msg = (f"{path_str(path)}: dim {dim} ({name}) of size {size} does not divide by mesh "
                        f"{_fmt_axes(axes)}={n}")
                 if strict:
                     raise UserError(f"{msg}; change the mesh sizes or the rule for {name!r}")
@@ -306,7 +332,7 @@ def describe(shardings: PyTree) -> str:
     """One line per array: path and PartitionSpec (for logs and the shard-study tool)."""
     lines = []
     for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
-        lines.append(f"{_path_str(path)}: {s.spec}")
+        lines.append(f"{path_str(path)}: {s.spec}")
     return "\n".join(lines)
 
 

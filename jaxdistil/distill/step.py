@@ -45,17 +45,15 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdistil.data.masking import MaskingConfig, mask_tokens
 from jaxdistil.distill import sharding as shd
-from jaxdistil.distill.losses import LossConfig, combine_losses, loss_sums, loss_weights, max_masked_rows
+from jaxdistil.distill.losses import (
+    SUM_KEYS, LossConfig, combine_losses, loss_sums, loss_weights, max_masked_rows)
 from jaxdistil.distill.optim import OptimConfig, frozen_param_paths, trainable_global_norm
 from jaxdistil.errors import UserError
-from jaxdistil.models import build_model
+from jaxdistil.models import COMPUTE_DTYPES, build_model
 
 PyTree = Any
-# No float16: it would need loss scaling; bfloat16 has float32's range.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Keys of a batch that are [B, T] arrays the models read (loader's packed batches add the last two).
 MODEL_INPUTS = ("attention_mask", "segment_ids", "position_ids")
-SUM_KEYS = ("ce_sum", "mlm_sum", "cos_sum", "mse_sum", "mlm_correct")
 
 
 @struct.dataclass
@@ -93,8 +91,8 @@ class StepConfig:
     frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise UserError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
         if self.loss.normalize == "group" and self.group_rows < 1:
             raise UserError("loss.normalize=group needs loader.group_rows > 0: the rows masked and "
                             "averaged together (the reference's per-GPU batch_size, 5)")
@@ -105,7 +103,7 @@ class StepConfig:
 
     @property
     def compute_dtype(self) -> Any:
-        return DTYPES[self.dtype]
+        return COMPUTE_DTYPES[self.dtype]
 
 
 def build_models(cfg: StepConfig, student_cfg: Any, teacher_cfg: Any | None = None):
@@ -368,6 +366,39 @@ def make_eval_step(
                    out_shardings=repl)
 
 
+def _boxed_state_fn(model: nn.Module, optimizer: optax.GradientTransformation,
+                    sample_shape: tuple[int, int] = (1, 8)):
+    """rng -> TrainState whose params and AdamW moments keep their logical-axis boxes."""
+    ids = jnp.zeros(sample_shape, jnp.int32)
+
+    def boxed_state(rng):
+        init_key, state_key = jax.random.split(rng)
+        boxed = model.init(init_key, ids)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=optimizer.init(boxed),
+                          rng=state_key)
+
+    return boxed_state
+
+
+def abstract_train_state(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: shd.Rules = shd.RULES,
+    strict: bool = False,
+) -> tuple[TrainState, TrainState]:
+    """(abstract TrainState, TrainState of NamedShardings), nothing allocated.
+
+    ``jax.eval_shape`` of the boxed init: the shardings come from the logical axis names (params and
+    AdamW moments carry them), the abstract arrays carry the shardings (restore targets).
+    """
+    boxed = jax.eval_shape(_boxed_state_fn(model, optimizer), jax.random.PRNGKey(0))
+    shardings = shd.logical_shardings(boxed, mesh, rules, strict)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                            shardings)
+    return abstract, shardings
+
+
 def init_train_state(
     model: nn.Module,
     rng: jax.Array,
@@ -387,14 +418,7 @@ def init_train_state(
     The shardings come from ``jax.eval_shape`` of the boxed init (params and AdamW moments carry the
     logical axis names), then ``jax.jit(init, out_shardings=...)`` creates every array in place.
     """
-    ids = jnp.zeros(sample_shape, jnp.int32)
-
-    def boxed_state(rng):
-        init_key, state_key = jax.random.split(rng)
-        boxed = model.init(init_key, ids)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=optimizer.init(boxed),
-                          rng=state_key)
-
+    boxed_state = _boxed_state_fn(model, optimizer, sample_shape)
     shardings = shd.logical_shardings(jax.eval_shape(boxed_state, rng), mesh, rules, strict)
 
     if params is None:

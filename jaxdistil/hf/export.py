@@ -1,4 +1,5 @@
-"""Write a Flax model as a Hugging Face ``*ForMaskedLM`` directory, verified against PyTorch.
+"""Write a Flax model as a Hugging Face ``*ForMaskedLM`` (or ``*ForSequenceClassification``)
+directory, verified against PyTorch.
 
 Layout written (what ``save_pretrained`` writes, plus the tokenizer):
   config.json                 model_type, architectures, tie_word_embeddings, dtype
@@ -21,9 +22,11 @@ import numpy as np
 
 from jaxdistil.errors import UserError
 from jaxdistil.hf import files
-from jaxdistil.hf.load import load_model
-from jaxdistil.hf.names import flax_to_hf
-from jaxdistil.hf.verify import compare_with_transformers, sample_inputs, torch_available
+from jaxdistil.hf.load import CLASSIFIERS, load_model
+from jaxdistil.hf.names import classifier_to_hf, flax_to_hf
+from jaxdistil.hf.verify import (
+    compare_with_transformers, flax_classifier_logits, sample_inputs, torch_available, torch_classifier_logits)
+from jaxdistil.models.classification import ClassifierHead, family_of
 from jaxdistil.models.configs import BertConfig, ModelConfig
 
 TOLERANCE = 1e-4  # max |logits diff| allowed between the Flax model and the exported PyTorch model
@@ -97,11 +100,50 @@ def export_hf(cfg: ModelConfig, params: Any, output: str | Path, *, tokenizer_di
     return ExportReport(Path(output), tuple(sorted(written)), dtype, diff is not None, diff, note)
 
 
+def export_classifier(cfg: ModelConfig, head: ClassifierHead, params: Any, output: str | Path, *,
+                      tokenizer_dir: str | Path | None = None, dtype: str = "fp32", max_shard_size: int | str = "5GB",
+                      force: bool = False, verify: bool = True, tolerance: float = TOLERANCE) -> ExportReport:
+    """Writes a sequence classifier (``params``: encoder + head, ``jaxdistil.models.classification``)
+    as a HF ``BertForSequenceClassification`` / ``DistilBertForSequenceClassification`` directory;
+    verified like ``export_hf`` with ``AutoModelForSequenceClassification`` (logits within ``tolerance``)."""
+    if dtype not in files.DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(files.DTYPES)}")
+    np_dtype = files.DTYPES[dtype]
+    state = classifier_to_hf(params, cfg, head.num_labels, dtype=np_dtype)
+    config = hf_config(cfg, dtype)
+    config.update(head.to_hf_dict(), architectures=[CLASSIFIERS[0] if family_of(cfg) == "bert" else CLASSIFIERS[1]])
+    with files.atomic_output_dir(output, force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        written = ["config.json", *files.write_state_dict(state, tmp, max_shard_size)]
+        tok_files = files.copy_tokenizer_files(tokenizer_dir, tmp) if tokenizer_dir else []
+        written += tok_files
+        diff, note = None, ""
+        if not verify:
+            note = "verification skipped (verify=False)"
+        elif not torch_available():
+            note = "verification skipped: torch is not installed (pip install torch to check the export)"
+        else:
+            inputs = sample_inputs(tmp if tok_files else None, cfg)
+            types = np.zeros_like(inputs["input_ids"]) if isinstance(cfg, BertConfig) else None
+            ref = params if dtype == "fp32" else _round_params(params, np_dtype)
+            ours = flax_classifier_logits(cfg, head, ref, inputs["input_ids"], inputs["attention_mask"], types)
+            theirs = torch_classifier_logits(tmp, inputs["input_ids"], inputs["attention_mask"], types)
+            diff = float(np.abs(ours - theirs).max())
+            if not diff <= tolerance:
+                raise UserError(f"export verification failed: max |logits diff| {diff:.3g} > {tolerance:g} "
+                                f"between the Flax classifier and transformers; nothing was written to {output}")
+    return ExportReport(Path(output), tuple(sorted(written)), dtype, diff is not None, diff, note)
+
+
 def export_model(source: str | Path, output: str | Path, *, step: int | None = None,
                  **kwargs) -> ExportReport:
     """Exports what ``load_model(source, step)`` reads (run dir, Flax or HF model dir, hub id),
-    with its tokenizer files; ``kwargs`` go to ``export_hf``."""
+    with its tokenizer files: a sequence classifier as one (``export_classifier``), other models as
+    ``*ForMaskedLM`` (``export_hf``); ``kwargs`` go to those."""
     files.check_output_dir(output, kwargs.get("force", False))  # before a possibly slow load
     loaded = load_model(source, step=step)
+    if loaded.classifier is not None:
+        return export_classifier(loaded.config, loaded.head, loaded.classifier_params(), output,
+                                 tokenizer_dir=loaded.tokenizer_dir, **kwargs)
     return export_hf(loaded.config, loaded.params, output, tokenizer_dir=loaded.tokenizer_dir,
                      has_mlm_head=loaded.has_mlm_head, **kwargs)

@@ -18,16 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orbax.checkpoint as ocp
+from huggingface_hub import snapshot_download
 
+from jaxdistil.checkpoint import restore_params, run_model_config
 from jaxdistil.errors import UserError
 from jaxdistil.hf import files
-from jaxdistil.hf.names import check_flax_params, family, hf_to_flax
+from jaxdistil.hf.names import check_flax_params, family, hf_to_flax, split_classifier
+from jaxdistil.models.classification import HEAD_PARAMS, ClassifierHead, family_of
 from jaxdistil.models.configs import ConfigError, ModelConfig, config_from_hf_dict
 
 # Architectures whose tensors the importer understands (the head-less ones give has_mlm_head=False;
-# BertForPreTraining's next-sentence head and BertModel's pooler are ignored).
+# BertForPreTraining's next-sentence head and BertModel's pooler are ignored; a sequence
+# classifier's head is read into LoadedModel.classifier).
+CLASSIFIERS = ("BertForSequenceClassification", "DistilBertForSequenceClassification")
 SUPPORTED_ARCHITECTURES = ("BertForMaskedLM", "BertModel", "BertForPreTraining",
-                           "DistilBertForMaskedLM", "DistilBertModel")
+                           "DistilBertForMaskedLM", "DistilBertModel", *CLASSIFIERS)
 PARAMS_DIR = "params"
 # Key in a Flax model directory's config.json for what is not part of the HF config.
 META_KEY = "jaxdistil"
@@ -42,6 +48,9 @@ class LoadedModel:
       holds a freshly initialised head so that the model runs, but its logits mean nothing.
     source: "hf", "flax" or "run"; path: the local directory read (the snapshot for a hub id).
     tokenizer_dir: a directory with the tokenizer files, or None.
+    classifier / head: a sequence classifier's head params ({pooler | pre_classifier, classifier})
+      and what it predicts (``ClassifierHead``); None for other models. ``classifier_params()`` is
+      the whole classifier tree of ``jaxdistil.models.classification``.
     """
 
     config: ModelConfig
@@ -52,6 +61,15 @@ class LoadedModel:
     path: str = ""
     step: int | None = None
     ignored: tuple[str, ...] = ()  # HF tensors not used (pooler, NSP head, tied copies, buffers)
+    classifier: dict | None = None
+    head: ClassifierHead | None = None
+
+    def classifier_params(self) -> dict:
+        """Encoder + classification head: the params of ``build_classifier(config, head)``."""
+        if self.classifier is None:
+            raise UserError(f"{self.path}: not a sequence classifier (no classification head); "
+                            "fine-tune it first with `jaxdistil finetune`")
+        return {"embeddings": self.params["embeddings"], "encoder": self.params["encoder"], **self.classifier}
 
 
 def default_mlm_head(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -114,6 +132,14 @@ def load_hf_dir(directory: str | Path, param_dtype=np.float32) -> LoadedModel:
                         + ", ".join(SUPPORTED_ARCHITECTURES))
     cfg = config_from_dict(data, str(directory / "config.json"))
     state = files.read_state_dict(directory)
+    classifier = head = None
+    if any(a in CLASSIFIERS for a in archs):
+        try:
+            head = ClassifierHead.from_hf_dict(data)
+        except ConfigError as err:
+            raise UserError(f"{directory / 'config.json'}: {err}") from None
+        state, classifier, _ = split_classifier(state, cfg, str(directory), head.num_labels)
+        classifier = _cast(classifier, param_dtype)
     params, has_head, ignored = hf_to_flax(state, cfg, source=str(directory))
     # hf_to_flax refuses a stored decoder weight that differs from the embeddings; an untied head
     # whose decoder weight is absent would be random in transformers: refuse that too.
@@ -125,7 +151,7 @@ def load_hf_dir(directory: str | Path, param_dtype=np.float32) -> LoadedModel:
         params["mlm_head"] = _cast(default_mlm_head(cfg), param_dtype)
     return LoadedModel(cfg, params, has_head, "hf",
                        str(directory) if files.has_tokenizer(directory) else None,
-                       path=str(directory), ignored=tuple(ignored))
+                       path=str(directory), ignored=tuple(ignored), classifier=classifier, head=head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,20 +165,24 @@ def is_flax_dir(path: str | Path) -> bool:
 
 def save_flax_model(cfg: ModelConfig, params: dict, output: str | Path, *, has_mlm_head: bool = True,
                     tokenizer_dir: str | Path | None = None, force: bool = False,
-                    origin: str | None = None) -> Path:
+                    origin: str | None = None, classifier: dict | None = None,
+                    head: ClassifierHead | None = None) -> Path:
     """Writes a Flax model directory (all-or-nothing); ``train`` and ``load_model`` read it.
 
     params: the unboxed param tree (numpy or jax arrays; gathered to host numpy first).
+    classifier / head: a sequence classifier's head, saved beside the encoder.
     """
-    import orbax.checkpoint as ocp  # lazy: orbax is slow to import and only needed here
-
     check_flax_params(params, cfg, with_head=True, source="params to save")
-    host = _to_host(params)
+    host = _to_host({**params, **(classifier or {})})
     with files.atomic_output_dir(output, force) as tmp:
         config = cfg.to_hf_dict()
         config.pop("tie_weights_", None)
         config["tie_word_embeddings"] = True
+        if head is not None:
+            config.update(head.to_hf_dict(), architectures=[_classifier_architecture(cfg)])
         config[META_KEY] = {"format": "flax", "has_mlm_head": bool(has_mlm_head)}
+        if classifier is not None:
+            config[META_KEY]["classifier"] = True
         if origin:
             config[META_KEY]["origin"] = origin
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -173,8 +203,6 @@ def _to_host(tree: Any) -> Any:
 
 def load_flax_dir(directory: str | Path, param_dtype=np.float32) -> LoadedModel:
     """A Flax model directory -> LoadedModel."""
-    import orbax.checkpoint as ocp
-
     directory = Path(directory)
     data = _read_config_json(directory)
     cfg = config_from_dict(data, str(directory / "config.json"))
@@ -188,9 +216,18 @@ def load_flax_dir(directory: str | Path, param_dtype=np.float32) -> LoadedModel:
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                         "re-run `jaxdistil import`") from err
     params = _cast(params, param_dtype)
+    classifier = head = None
+    if meta.get("classifier"):
+        head = ClassifierHead.from_hf_dict(data)
+        classifier = {k: params.pop(k) for k in HEAD_PARAMS[family_of(cfg)] if k in params}
     check_flax_params(params, cfg, with_head=True, source=str(directory))
     return LoadedModel(cfg, params, bool(meta.get("has_mlm_head", True)), "flax",
-                       str(directory) if files.has_tokenizer(directory) else None, path=str(directory))
+                       str(directory) if files.has_tokenizer(directory) else None, path=str(directory),
+                       classifier=classifier, head=head)
+
+
+def _classifier_architecture(cfg: ModelConfig) -> str:
+    return CLASSIFIERS[0] if family_of(cfg) == "bert" else CLASSIFIERS[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,21 +237,17 @@ def load_flax_dir(directory: str | Path, param_dtype=np.float32) -> LoadedModel:
 def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
     return ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
-            or (path / "student" / "config.json").is_file())
+            or (path / "student" / "config.json").is_file() or (path / "model" / "config.json").is_file())
 
 
 def load_run(run_dir: str | Path, step: int | None = None, param_dtype=np.float32) -> LoadedModel:
-    """The student of a jaxdistil run at ``step`` (latest when None)."""
+    """The model of a jaxdistil run at ``step`` (latest when None): a distillation run's student, or
+    a fine-tuning run's classifier (its head in ``classifier``)."""
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints"
     if not ckpt.is_dir() or not [p for p in ckpt.iterdir() if not p.name.startswith(".")]:
         raise UserError(f"{run_dir}: the run has no checkpoint in {ckpt}; train it first "
                         "(jaxdistil train) or pass a run directory that has checkpoints")
-    try:
-        from jaxdistil.checkpoint import restore_params
-    except ImportError as err:
-        raise UserError(f"{run_dir}: reading run directories needs jaxdistil.checkpoint, which is not "
-                        "available in this installation; export from a Flax model directory instead") from err
     try:
         restored_step, cfg, params = restore_params(run_dir, step)
     except UserError:
@@ -225,8 +258,15 @@ def load_run(run_dir: str | Path, step: int | None = None, param_dtype=np.float3
                         f"list {ckpt} for the saved steps") from err
     params = _cast(_to_host(params), param_dtype)
     tok = run_dir / "tokenizer"
-    return LoadedModel(cfg, params, True, "run", str(tok) if files.has_tokenizer(tok) else None,
-                       path=str(run_dir), step=int(restored_step))
+    tok_dir = str(tok) if files.has_tokenizer(tok) else None
+    _, head = run_model_config(run_dir)
+    if head is None:
+        return LoadedModel(cfg, params, True, "run", tok_dir, path=str(run_dir), step=int(restored_step))
+    names = HEAD_PARAMS[family_of(cfg)]
+    encoder = {"embeddings": params["embeddings"], "encoder": params["encoder"],
+               "mlm_head": _cast(default_mlm_head(cfg), param_dtype)}
+    return LoadedModel(cfg, encoder, False, "run", tok_dir, path=str(run_dir), step=int(restored_step),
+                       classifier={k: params[k] for k in names}, head=head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +281,6 @@ def download_hub_model(hub_id: str) -> Path:
     """Fetches config, tokenizer and weights of a Hub model into the local cache (safetensors
     preferred; ``pytorch_model.bin`` only when the repository has no safetensors)."""
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", *files.TOKENIZER_FILES]
         path = Path(snapshot_download(hub_id, allow_patterns=patterns))
         if not ((path / files.SAFE_WEIGHTS).is_file() or (path / files.SAFE_INDEX).is_file()):

@@ -93,6 +93,24 @@ _DISTILBERT_HEAD = [
 ]
 
 
+# Sequence-classification heads: (flax path, HF name, reshape, HF shape, under the base prefix?).
+# BERT's pooler belongs to BertModel (``bert.pooler.dense``); the classifier layers are top-level.
+_CLASSIFIER_HEADS = {
+    "bert": [
+        ("pooler/kernel", "pooler.dense.weight", LINEAR, "DD", True),
+        ("pooler/bias", "pooler.dense.bias", COPY, "D", True),
+        ("classifier/kernel", "classifier.weight", LINEAR, "LD", False),
+        ("classifier/bias", "classifier.bias", COPY, "L", False),
+    ],
+    "distilbert": [
+        ("pre_classifier/kernel", "pre_classifier.weight", LINEAR, "DD", False),
+        ("pre_classifier/bias", "pre_classifier.bias", COPY, "D", False),
+        ("classifier/kernel", "classifier.weight", LINEAR, "LD", False),
+        ("classifier/bias", "classifier.bias", COPY, "L", False),
+    ],
+}
+
+
 class _Family:
     """Names of one model family: base prefix, encoder layer stem, tied and ignorable tensors."""
 
@@ -124,8 +142,12 @@ _FAMILIES = {
 }
 
 
+def family_name(cfg: ModelConfig) -> str:
+    return "bert" if isinstance(cfg, BertConfig) else "distilbert"
+
+
 def family(cfg: ModelConfig) -> _Family:
-    return _FAMILIES["bert" if isinstance(cfg, BertConfig) else "distilbert"]
+    return _FAMILIES[family_name(cfg)]
 
 
 def _dims(cfg: ModelConfig) -> dict[str, int]:
@@ -359,24 +381,78 @@ def check_flax_params(params: Mapping[str, Any], cfg: ModelConfig, with_head: bo
 
 
 def flax_to_hf(params: Mapping[str, Any], cfg: ModelConfig, with_head: bool = True,
-               dtype: Any = None) -> dict[str, np.ndarray]:
+               dtype: Any = None, prefixed: bool | None = None) -> dict[str, np.ndarray]:
     """Flax params -> Hugging Face state dict with full ``*ForMaskedLM`` names (PyTorch layout).
 
     The tied decoder weight is left out (transformers ties it on load), as ``save_pretrained``
     does. ``with_head=False`` writes only the encoder, under bare ``BertModel``/``DistilBertModel``
     names. ``dtype`` (numpy dtype, e.g. ``ml_dtypes.bfloat16``) casts every tensor; None keeps it.
+    ``prefixed`` (default: ``with_head``) writes the encoder under the base-model prefix, as a model
+    with a head does (``with_head=False, prefixed=True``: the encoder of a sequence classifier).
     Raises one ``UserError`` listing missing, unexpected or wrongly shaped parameters.
     """
     check_flax_params(params, cfg, with_head)
     fam = family(cfg)
+    prefixed = with_head if prefixed is None else prefixed
     out: dict[str, np.ndarray] = {}
     for path, name, kind, _, layer in _table(cfg, with_head):
         value = np.asarray(_get(params, path))
         tensor = _to_hf(value if layer is None else value[layer], kind)
         if dtype is not None:
             tensor = tensor.astype(dtype)
-        full = name if (path.startswith("mlm_head/") or not with_head) else fam.prefix + name
+        full = name if (path.startswith("mlm_head/") or not prefixed) else fam.prefix + name
         out[full] = np.ascontiguousarray(tensor)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence-classification heads
+
+
+def _classifier_rows(cfg: ModelConfig, num_labels: int):
+    dims = {**_dims(cfg), "L": num_labels}
+    return [(path, name, kind, tuple(dims[s] for s in shape), prefixed)
+            for path, name, kind, shape, prefixed in _CLASSIFIER_HEADS[family_name(cfg)]]
+
+
+def split_classifier(state: Mapping[str, np.ndarray], cfg: ModelConfig, source: str = "checkpoint",
+                     num_labels: int | None = None) -> tuple[dict[str, np.ndarray], dict, int]:
+    """A ``*ForSequenceClassification`` state dict -> (the encoder's tensors, the head's Flax params,
+    its number of labels). Missing head tensors or wrong shapes raise one ``UserError``."""
+    state = normalize_names(state, cfg)
+    names = [name for _, name, *_ in _CLASSIFIER_HEADS[family_name(cfg)]]
+    if "classifier.weight" not in state:
+        raise UserError(f"{source}: no classifier.weight: not a sequence-classification checkpoint; "
+                        "fine-tune an encoder with `jaxdistil finetune` instead")
+    labels = int(state["classifier.weight"].shape[0]) if num_labels is None else num_labels
+    rows = _classifier_rows(cfg, labels)
+    missing = [name for _, name, _, _, _ in rows if name not in state]
+    wrong = [f"{name} {tuple(state[name].shape)} != {shape}" for _, name, _, shape, _ in rows
+             if name in state and tuple(state[name].shape) != shape]
+    if missing or wrong:
+        problems = ([_listing("missing", missing)] if missing else []) + ([_listing("wrong shape", wrong)] if wrong else [])
+        raise UserError(f"{source}: the classification head does not match config.json: " + "; ".join(problems))
+    head: dict = {}
+    for path, name, kind, _, _ in rows:
+        _set(head, path, _to_flax(np.asarray(state[name]), kind, cfg.heads))
+    rest = {k: v for k, v in state.items() if k not in names}
+    return rest, head, labels
+
+
+def classifier_to_hf(params: Mapping[str, Any], cfg: ModelConfig, num_labels: int,
+                     dtype: Any = None) -> dict[str, np.ndarray]:
+    """A sequence classifier's Flax params (encoder + head) -> the full HF state dict of
+    ``BertForSequenceClassification`` / ``DistilBertForSequenceClassification``."""
+    encoder = {k: params[k] for k in ("embeddings", "encoder")}
+    out = flax_to_hf(encoder, cfg, with_head=False, dtype=dtype, prefixed=True)
+    prefix = family(cfg).prefix
+    for path, name, kind, shape, prefixed in _classifier_rows(cfg, num_labels):
+        tensor = _to_hf(np.asarray(_get(params, path)), kind)
+        if tuple(tensor.shape) != shape:
+            raise UserError(f"classifier parameter {path} has shape {tuple(tensor.shape)}, expected {shape}")
+        if dtype is not None:
+            tensor = tensor.astype(dtype)
+        out[prefix + name if prefixed else name] = np.ascontiguousarray(tensor)
     return out
 
 
@@ -387,5 +463,5 @@ def expected_hf_names(cfg: ModelConfig, with_head: bool = True) -> list[str]:
                   for path, name, *_ in _table(cfg, with_head))
 
 
-__all__ = ["check_flax_params", "expected_hf_names", "flax_shapes", "flax_to_hf", "head_names", "hf_to_flax",
+__all__ = ["check_flax_params", "classifier_to_hf", "split_classifier", "expected_hf_names", "flax_shapes", "flax_to_hf", "head_names", "hf_to_flax",
            "normalize_names"]

@@ -1,7 +1,8 @@
 """Side-by-side runs of a Flax model and transformers' PyTorch model on the same inputs.
 
-Used by the export check, ``jaxdistil selfcheck`` and the parity tests. torch is imported lazily,
-inside the functions that need it; ``torch_available()`` says whether they can run.
+Used by the export check, ``jaxdistil selfcheck`` and the parity tests. torch is optional (a test
+and export dependency): imported inside the functions that need it; ``torch_available()`` says
+whether they can run.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from jaxdistil.models import build_model
+from jaxdistil.models.classification import build_classifier
 from jaxdistil.models.configs import BertConfig, ModelConfig
 
 SENTENCES = (
@@ -27,8 +34,6 @@ SENTENCES = (
 @contextlib.contextmanager
 def no_progress_bars() -> Iterator[None]:
     """Silences transformers' "Loading weights" / "Writing model shards" bars inside our own output."""
-    from transformers.utils import logging as hf_logging
-
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -48,8 +53,6 @@ def sample_inputs(tokenizer_dir: str | Path | None, cfg: ModelConfig, seed: int 
     Real sentences through the directory's tokenizer when there is one; otherwise random ids.
     """
     if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         mask = tok.mask_token or ""
         enc = tok([s.format(mask=mask) for s in SENTENCES], padding=True, truncation=True,
@@ -69,11 +72,6 @@ def sample_inputs(tokenizer_dir: str | Path | None, cfg: ModelConfig, seed: int 
 def flax_forward(cfg: ModelConfig, params: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
                  token_type_ids: np.ndarray | None = None, dtype: Any = None) -> dict[str, np.ndarray]:
     """logits [B, T, V] and hidden_states [L+1, B, T, D] of the Flax model, as float32 numpy."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxdistil.models import build_model
-
     model = build_model(cfg, dtype=dtype or jnp.float32)
     # Full fp32 matmuls: on GPUs JAX defaults to TF32 (10-bit mantissa), which alone would exceed
     # the 1e-4 parity limit; PyTorch's reference runs in full fp32.
@@ -91,8 +89,8 @@ def torch_forward(hf_dir: str | Path, input_ids: np.ndarray, attention_mask: np.
     ``mlm=True`` loads ``AutoModelForMaskedLM`` (logits + hidden states), else ``AutoModel``
     (hidden states only). hidden_states: [L+1, B, T, D] (embeddings output first).
     """
-    import torch
-    from transformers import AutoModel, AutoModelForMaskedLM
+    import torch  # optional: the reference side only, checked by torch_available()
+    from transformers import AutoModel, AutoModelForMaskedLM  # (needs torch)
 
     cls = AutoModelForMaskedLM if mlm else AutoModel
     with no_progress_bars():
@@ -138,3 +136,29 @@ def compare_with_transformers(hf_dir: str | Path, cfg: ModelConfig, params: Any,
     ours = flax_forward(cfg, params, ids, mask, types)
     theirs = torch_forward(hf_dir, ids, mask, types if isinstance(cfg, BertConfig) else None, mlm=mlm)
     return max_diffs(ours, theirs, mask)
+
+
+def flax_classifier_logits(cfg: ModelConfig, head: Any, params: Any, input_ids: np.ndarray,
+                           attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None) -> np.ndarray:
+    """logits [B, num_labels] of a Flax sequence classifier, float32 numpy (full fp32 matmuls)."""
+    model = build_classifier(cfg, head)
+    with jax.default_matmul_precision("highest"):
+        out = jax.jit(model.apply)({"params": params}, jnp.asarray(input_ids), jnp.asarray(attention_mask),
+                                   None if token_type_ids is None else jnp.asarray(token_type_ids))
+    return np.asarray(out, np.float32)
+
+
+def torch_classifier_logits(hf_dir: str | Path, input_ids: np.ndarray, attention_mask: np.ndarray,
+                            token_type_ids: np.ndarray | None = None) -> np.ndarray:
+    """logits [B, num_labels] of transformers' ``AutoModelForSequenceClassification`` (fp32, eval)."""
+    import torch  # optional: the reference side only, checked by torch_available()
+    from transformers import AutoModelForSequenceClassification  # (needs torch)
+
+    with no_progress_bars():
+        model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    kwargs = {"input_ids": torch.as_tensor(np.asarray(input_ids, np.int64)),
+              "attention_mask": torch.as_tensor(np.asarray(attention_mask, np.int64))}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = torch.as_tensor(np.asarray(token_type_ids, np.int64))
+    with torch.no_grad():
+        return model(**kwargs).logits.float().numpy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -18,8 +19,12 @@ from jaxdistil.models.configs import (
 from jaxdistil.models.distilbert import DistilBertForMaskedLM
 from jaxdistil.models.layers import EncoderOutput, MaskedLMOutput, TransformerMaskedLM
 
+# Compute dtypes of the models (parameters stay float32). No float16: it would need loss scaling;
+# bfloat16 has float32's range.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 __all__ = [
-    "BertConfig", "BertForMaskedLM", "ConfigError", "DistilBertConfig", "DistilBertForMaskedLM",
+    "COMPUTE_DTYPES", "BertConfig", "BertForMaskedLM", "ConfigError", "DistilBertConfig", "DistilBertForMaskedLM",
     "EncoderOutput", "MaskedLMOutput", "ModelConfig", "TransformerMaskedLM", "build_model",
     "config_from_hf_dict", "init_params", "load_config", "save_config",
 ]
@@ -39,8 +44,4 @@ def init_params(model: TransformerMaskedLM, rng: jax.Array, length: int = 8, box
     ids = jnp.zeros((1, length), jnp.int32)
     variables = model.init(rng, ids)
     params = variables["params"]
-    if not boxed:
-        import flax.linen as nn
-
-        params = nn.unbox(params)
-    return params
+    return params if boxed else nn.unbox(params)

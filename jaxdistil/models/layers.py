@@ -262,13 +262,11 @@ class MLMHead(nn.Module):
         return self.transform_norm(activation_fn(self.cfg.act)(self.transform(hidden)))
 
 
-class TransformerMaskedLM(nn.Module):
-    """Embeddings + encoder + MLM head; the base of ``BertForMaskedLM`` and ``DistilBertForMaskedLM``.
+class TransformerEncoder(nn.Module):
+    """Embeddings + encoder: what every model here starts with (``encode`` -> EncoderOutput).
 
-    Methods (use ``model.apply(variables, ..., method=...)``):
-      ``encode``     -> EncoderOutput, no vocabulary projection (what the losses start from);
-      ``mlm_logits`` hidden [..., D] -> logits [..., V] for any subset of rows;
-      ``__call__``   -> MaskedLMOutput (both).
+    Subclasses add a head in ``setup`` (after ``super().setup()``): the MLM head of
+    ``TransformerMaskedLM``, the sequence-classification heads of ``jaxdistil.models.classification``.
     """
 
     cfg: Any
@@ -279,7 +277,6 @@ class TransformerMaskedLM(nn.Module):
     def setup(self):
         self.embeddings = Embeddings(self.cfg, self.dtype, self.param_dtype)
         self.encoder = Encoder(self.cfg, self.dtype, self.param_dtype, self.remat)
-        self.mlm_head = MLMHead(self.cfg, self.dtype, self.param_dtype)
 
     def encode(
         self,
@@ -304,6 +301,20 @@ class TransformerMaskedLM(nn.Module):
         x, states, probs = self.encoder(x, mask, deterministic, output_attentions)
         hidden_states = jnp.concatenate([first[None], states], axis=0)
         return EncoderOutput(x, hidden_states, probs if output_attentions else None)
+
+
+class TransformerMaskedLM(TransformerEncoder):
+    """Embeddings + encoder + MLM head; the base of ``BertForMaskedLM`` and ``DistilBertForMaskedLM``.
+
+    Methods (use ``model.apply(variables, ..., method=...)``):
+      ``encode``     -> EncoderOutput, no vocabulary projection (what the losses start from);
+      ``mlm_logits`` hidden [..., D] -> logits [..., V] for any subset of rows;
+      ``__call__``   -> MaskedLMOutput (both).
+    """
+
+    def setup(self):
+        super().setup()
+        self.mlm_head = MLMHead(self.cfg, self.dtype, self.param_dtype)
 
     def mlm_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] in the compute dtype."""

@@ -42,14 +42,15 @@ def build_inputs(root: Path) -> tuple[Path, Path]:
 
     import jax
     from jaxdistil.data.manifest import load_manifest, tokenizer_dir
-    from jaxdistil.data.prepare import prepare
+    from jaxdistil.data.corpus import SourceOptions
+    from jaxdistil.data.prepare import PrepareConfig, prepare
     from jaxdistil.hf import save_flax_model
     from jaxdistil.models import BertConfig, build_model, init_params
 
     (root / "corpus.txt").write_text(corpus_text())
     data = root / "data"
-    prepare([str(root / "corpus.txt")], str(GOLDEN / "tokenizer"), data, max_len=32, holdout=0.1, workers=1,
-            progress=False, log=lambda *a: None)
+    prepare(PrepareConfig([str(root / "corpus.txt")], str(GOLDEN / "tokenizer"), data, max_len=32, workers=1,
+                          options=SourceOptions(holdout=0.1)), progress=False, log=lambda *a: None)
     manifest = load_manifest(data)
     cfg = BertConfig(vocab_size=manifest["tokenizer"]["vocab_size"], hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)

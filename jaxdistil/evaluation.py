@@ -8,14 +8,13 @@ comparable across steps, runs and models.
 
   jaxdistil evaluate --model RUN_DIR|FLAX_DIR|HF_DIR|HUB_ID --data DATA_DIR
 
-``evaluate_params`` is the loop (used by ``train`` for its periodic evaluation and by the demo);
-``evaluate_model`` is the command's library function.
+``evaluate_params`` is the loop; ``HeldOut`` scores a run's models during training on every
+process's share of the same batches; ``evaluate_model`` scores a saved model (``jaxdistil evaluate``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,24 +22,36 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdistil.data import loader as loader_lib
+from jaxdistil.data import manifest as manifest_lib
+from jaxdistil.data.global_batches import ShardedBatches
+from jaxdistil.data.masking import MaskingConfig
+from jaxdistil.distill import sharding as shd
+from jaxdistil.distill.builder import DistillStep, StepSpec
+from jaxdistil.distill.step import StepConfig
 from jaxdistil.errors import UserError
+from jaxdistil.hf import load_model
 
 EVAL_SEED = 1234  # masks of held-out batch i: fold_in(PRNGKey(EVAL_SEED), i), the same for every model
 EVAL_SMOOTHING = 0.0  # uniform choice of the masked positions among real, non-special tokens
 
 
-def eval_masking():
-    """The held-out masking (a MaskingConfig): BERT's 15% with 80/10/10, whatever the run trains with."""
-    from jaxdistil.data.masking import MaskingConfig
-
+def eval_masking() -> MaskingConfig:
+    """The held-out masking: BERT's 15% with 80/10/10, whatever the run trains with."""
     return MaskingConfig(mlm_smoothing=EVAL_SMOOTHING)
 
 
 def eval_token_weights(manifest: dict) -> np.ndarray:
     """Masking weights [V] of held-out evaluation: 1 for every token, 0 for the special ones."""
-    from jaxdistil.data import manifest as manifest_lib
-
     return manifest_lib.token_weights(manifest, EVAL_SMOOTHING)
+
+
+def eval_loader_config(batch_size: int, max_len: int, read_threads: int = 4) -> loader_lib.LoaderConfig:
+    """Held-out batches: unpacked rows padded to ``max_len`` (one compiled shape), in file order, so
+    the first N batches are a fair sample (length grouping would put the shortest, hardest to
+    predict sequences first)."""
+    return loader_lib.LoaderConfig(batch_size=batch_size, max_len=max_len, buckets=(max_len,), group_window=1,
+                                   prefetch=0, read_threads=read_threads)
 
 
 def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
@@ -87,6 +98,28 @@ def evaluate_params(
     return metrics_from_sums({k: float(v) for k, v in jax.device_get(totals).items()})
 
 
+class HeldOut:
+    """A run's held-out split, scored on every process's share of the same batches and masks.
+
+    built: the run's DistillStep (its mesh and eval steps); max_batches: 0 = the whole split.
+    """
+
+    def __init__(self, manifest: dict, loader_cfg: loader_lib.LoaderConfig, data_shards: int, built: DistillStep,
+                 max_batches: int = 0):
+        self.manifest, self.built, self.data_shards, self.max_batches = manifest, built, data_shards, max_batches
+        self.cfg = eval_loader_config(loader_cfg.batch_size, loader_cfg.max_len, loader_cfg.read_threads)
+        self.weights = built.replicate(eval_token_weights(manifest))
+        self.pad = {"input_ids": int(manifest["tokenizer"]["special_ids"]["pad"])}
+
+    def score(self, params: Any, which: str = "student") -> dict[str, float]:
+        """``metrics_from_sums`` of the "student" or "teacher" params."""
+        batches = ShardedBatches(
+            lambda i, n: loader_lib.eval_batches(self.manifest, self.cfg, shard_index=i, shard_count=n),
+            self.data_shards, self.cfg.batch_size, shd.batch_sharding(self.built.mesh), self.pad)
+        step = self.built.eval_step(which, eval_masking())
+        return evaluate_params(step, params, batches, self.weights, self.built.shard_batch, self.max_batches)
+
+
 def evaluate_model(
     model: str,
     data_dir: str,
@@ -105,13 +138,6 @@ def evaluate_model(
     The batch is spread over all devices (data parallel); ``batch_size`` is rounded up to a multiple
     of the device count. Returns the metrics plus "model", "params" and "step".
     """
-    from jaxdistil.data import loader as loader_lib
-    from jaxdistil.data import manifest as manifest_lib
-    from jaxdistil.distill import sharding as shd
-    from jaxdistil.distill.step import StepConfig, make_eval_step
-    from jaxdistil.hf import load_model
-    from jaxdistil.models import build_model
-
     manifest = manifest_lib.load_manifest(data_dir)
     loaded = load_model(model, step=step)
     if not loaded.has_mlm_head:
@@ -119,73 +145,18 @@ def evaluate_model(
             f"{model} has no trained MLM head (an encoder-only checkpoint); masked-LM "
             "evaluation needs a *ForMaskedLM model"
         )
-    tok_hash = None
-    if loaded.tokenizer_dir:
-        from jaxdistil.data.tokenization import tokenizer_hash_of_dir
-
-        tok_hash = tokenizer_hash_of_dir(loaded.tokenizer_dir)
-    manifest_lib.check_vocab(manifest, loaded.config.vocab_size, tok_hash, what=f"the model {model}")
-
-    mesh = shd.make_mesh(shd.MeshConfig())
-    n = shd.batch_divisor(mesh)
+    manifest_lib.check_model_vocab(manifest, loaded, what=f"the model {model}")
+    spec = StepSpec(student=loaded.config, teacher=None, step=StepConfig(
+        loss=dataclasses.replace(StepConfig().loss, alpha_ce=0.0, alpha_cos=0.0),
+        optim=dataclasses.replace(StepConfig().optim, total_steps=1),
+        masking=eval_masking(), mask_id=manifest["tokenizer"]["special_ids"]["mask"], dtype=dtype))
+    built = DistillStep(spec)
+    n = shd.batch_divisor(built.mesh)
     batch_size = -(-batch_size // n) * n
     max_len = min(max_len or int(manifest["max_len"]), loaded.config.max_position_embeddings)
-    # One padded length: a single compilation per model (held-out sets are small; padding is cheap).
-    cfg = loader_lib.LoaderConfig(
-        batch_size=batch_size, max_len=max_len, buckets=(max_len,), group_window=1, prefetch=0
-    )
-    masking = eval_masking()
-    weights = eval_token_weights(manifest)
-    step_cfg = StepConfig(masking=masking, mask_id=manifest["tokenizer"]["special_ids"]["mask"], dtype=dtype)
-    net = build_model(loaded.config, dtype=step_cfg.compute_dtype)
-    param_shardings = shd.param_shardings(net, mesh)
-    params = shd.shard_params(loaded.params, param_shardings)
-    eval_step = make_eval_step(net, step_cfg, mesh, shd.RULES, param_shardings)
-    token_weights = jax.device_put(weights, shd.replicated(mesh))
-    batches = loader_lib.eval_batches(manifest, cfg, split=split)
-    out = evaluate_params(
-        eval_step, params, batches, token_weights, lambda b: shd.shard_batch(b, mesh), max_batches, seed
-    )
+    params = shd.shard_params(loaded.params, built.state_shardings.params)
+    batches = loader_lib.eval_batches(manifest, eval_loader_config(batch_size, max_len), split=split)
+    out = evaluate_params(built.eval_step("student"), params, batches, built.replicate(eval_token_weights(manifest)),
+                          built.shard_batch, max_batches, seed)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(loaded.params))
     return {"model": str(model), "step": loaded.step, "params": n_params, **out}
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="run dir, Flax model dir, Hugging Face dir or hub id")
-    parser.add_argument("--data", required=True, help="prepared data directory (jaxdistil prepare)")
-    parser.add_argument("--split", default="validation", help="split to score (default: the held-out one)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=None, help="truncate sequences (default: the data's)")
-    parser.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = all)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument(
-        "--step", type=int, default=None, help="checkpoint step of a run dir (default: latest)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = evaluate_model(
-        args.model,
-        args.data,
-        batch_size=args.batch_size,
-        max_len=args.max_len,
-        max_batches=args.max_batches,
-        dtype=args.dtype,
-        split=args.split,
-        step=args.step,
-    )
-    if args.json:
-        print(json.dumps(out))
-    else:
-        step = f" (step {out['step']})" if out["step"] is not None else ""
-        print(
-            f"{out['model']}{step}: {out['params'] / 1e6:.2f}M params, {args.split} split, "
-            f"{int(out['masked_tokens']):,} masked of {int(out['tokens']):,} tokens"
-        )
-        print(f"  mlm loss {out['loss']:.4f}  perplexity {out['perplexity']:.2f}", end="")
-        print(f"  accuracy {out['accuracy']:.4f}")
-    return 0

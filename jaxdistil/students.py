@@ -1,4 +1,6 @@
-"""Initialise a DistilBERT student from a BERT teacher's layers (the reference's ``extract_distilbert.py``).
+"""The teacher and the student of a run: loading the teacher, shaping and initialising the student.
+
+A student is initialised from a teacher's layers as the reference's ``extract_distilbert.py`` does.
 
 The student keeps the teacher's word and position embeddings, its embedding LayerNorm, a chosen
 subset of its encoder layers and its MLM head. Because both models share one parameter tree (see
@@ -12,22 +14,26 @@ teacher. With ``fold_token_types`` (default) we add that row to every position e
 on token-type-0 input (all the distillation data) the student's embeddings then equal the
 teacher's exactly, and a student made of *all* the teacher's layers is the teacher.
 
-Command: ``jaxdistil init-student --teacher DIR --layers 0,2,4,7,9,11 --output DIR``.
+``resolve_teacher`` / ``resolve_student`` turn a run config into the models ``train`` uses (the
+command ``jaxdistil init-student`` writes such a student to a directory).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxdistil.data import manifest as manifest_lib
 from jaxdistil.errors import UserError
-from jaxdistil.models import BertConfig, DistilBertConfig, ModelConfig
+from jaxdistil.hf import LoadedModel, load_model
+from jaxdistil.models import BertConfig, DistilBertConfig, ModelConfig, config_from_hf_dict
+from jaxdistil.models.configs import ConfigError
 
 PAPER_LAYERS = (0, 2, 4, 7, 9, 11)
 
@@ -165,88 +171,82 @@ def student_from_teacher(
     return cfg, {"embeddings": embeddings, "encoder": encoder, "mlm_head": mlm_head}, notes
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0,2,4"`` -> (0, 2, 4), with a one-line error for anything else."""
-    try:
-        return tuple(int(x) for x in text.replace(" ", "").split(",") if x != "")
-    except ValueError:
-        raise UserError(f"--layers {text!r} is not a comma-separated list of integers, e.g. 0,2,4,7,9,11")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--teacher",
-        required=True,
-        help="teacher: Hugging Face dir, Flax model dir, jaxdistil run dir or hub id",
-    )
-    parser.add_argument(
-        "--layers",
-        default=",".join(map(str, PAPER_LAYERS)),
-        help="teacher layers to keep, comma-separated (default: the paper's 0,2,4,7,9,11)",
-    )
-    parser.add_argument("--output", required=True, help="Flax model directory to write")
-    parser.add_argument(
-        "--no-vocab-transform",
-        action="store_true",
-        help="do not copy the MLM head's transform dense (random init instead)",
-    )
-    parser.add_argument(
-        "--no-fold-token-types",
-        action="store_true",
-        help="drop token_type_embeddings as the reference does instead of folding row 0 "
-        "into the position embeddings",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for the parts not copied")
-    parser.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
-
-
-def run(args: argparse.Namespace) -> int:
-    from jaxdistil.hf import load_model, save_flax_model
-
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise UserError(f"output directory {out} exists and is not empty; choose another or pass --force")
-    teacher = load_teacher(args.teacher, load_model)
-    # load_model gives head-less checkpoints (BertModel) a placeholder head: do not copy it.
-    t_params = (
-        teacher.params
-        if teacher.has_mlm_head
-        else {k: v for k, v in teacher.params.items() if k != "mlm_head"}
-    )
-    cfg, params, notes = student_from_teacher(
-        teacher.config,
-        t_params,
-        parse_layers(args.layers),
-        vocab_transform=not args.no_vocab_transform,
-        fold_token_types=not args.no_fold_token_types,
-        seed=args.seed,
-    )
-    # A head drawn at random (teacher without one) is not a trained MLM head: say so in the directory.
-    save_flax_model(
-        cfg,
-        params,
-        out,
-        has_mlm_head=teacher.has_mlm_head,
-        tokenizer_dir=teacher.tokenizer_dir,
-        force=args.force,
-        origin=f"init-student --teacher {args.teacher} --layers {args.layers}",
-    )
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-    print(
-        f"student: {cfg.n_layers} layers from teacher layers {args.layers}, {n_params / 1e6:.1f}M params "
-        f"-> {out}"
-    )
-    for note in notes:
-        print(f"  note: {note}")
-    return 0
-
-
-def load_teacher(source: str, load_model) -> Any:
+def load_model_arg(source: str, step: int | None = None) -> LoadedModel:
     """``load_model(source)`` with a one-line error for a local path that does not exist."""
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") > 1
     if looks_local and not Path(source).expanduser().exists():
         raise UserError(f"teacher directory {source} does not exist; pass a model directory or a hub id")
-    return load_model(str(Path(source).expanduser()) if looks_local else source)
+    return load_model(str(Path(source).expanduser()) if looks_local else source, step=step)
+
+
+def trained_params(loaded: LoadedModel) -> dict:
+    """A loaded model's params without the placeholder MLM head that ``load_model`` gives
+    encoder-only checkpoints (``BertModel``): what may be copied into a student."""
+    if loaded.has_mlm_head:
+        return loaded.params
+    return {k: v for k, v in loaded.params.items() if k != "mlm_head"}
+
+
+def resolve_teacher(cfg: Any, manifest: dict) -> LoadedModel | None:
+    """The run's teacher (``cfg.teacher.model``), or None for MLM-only runs; checked against the
+    data's vocabulary and tokenizer."""
+    if cfg.teacher.model is None:
+        return None
+    teacher = load_model_arg(cfg.teacher.model)
+    manifest_lib.check_model_vocab(manifest, teacher, what=f"the teacher {cfg.teacher.model}")
+    if not teacher.has_mlm_head and cfg.loss.alpha_ce > 0:
+        print(
+            f"warning: the teacher {cfg.teacher.model} has no MLM head (encoder-only checkpoint); its "
+            "logits are meaningless, so L_ce teaches noise: set loss.alpha_ce=0",
+            file=sys.stderr,
+        )
+    return teacher
+
+
+def student_shape(cfg: Any, teacher: ModelConfig | None, vocab_size: int, pad_id: int) -> ModelConfig:
+    """The student's model config from a run config (no weights needed).
+
+    student.init: "teacher" -> the teacher's shape with ``len(student.layers)`` layers; "random" ->
+    ``student.config`` (vocab and pad id default to the data's tokenizer); otherwise the shape of the
+    model at that path / hub id.
+    """
+    s = cfg.student
+    if s.init == "teacher":
+        if teacher is None:
+            raise UserError("student.init=teacher needs a teacher (teacher.model); set student.init=random for "
+                            "MLM-only training")
+        layers = check_layers(s.layers, teacher.layers)
+        return student_config_from_teacher(teacher, len(layers), s.config)
+    if s.init == "random":
+        fields = {"vocab_size": vocab_size, "pad_token_id": pad_id, **s.config}
+        try:
+            return config_from_hf_dict({"model_type": s.model_type, **fields}, "student.config")
+        except ConfigError as err:
+            raise UserError(str(err)) from None
+    return load_model_arg(s.init).config
+
+
+def resolve_student(
+    cfg: Any, teacher: LoadedModel | None, manifest: dict
+) -> tuple[ModelConfig, Callable[[], tuple[dict, str]] | None]:
+    """The student's model config and a function giving its initial params and where they come
+    from (None: random init). The params are only built when called: a resumed run never needs them.
+    """
+    s = cfg.student
+    tok = manifest["tokenizer"]
+    if s.init not in ("teacher", "random"):
+        loaded = load_model_arg(s.init)
+        return loaded.config, lambda: (loaded.params, f"the model {s.init}")
+    model_cfg = student_shape(cfg, teacher.config if teacher else None, int(tok["vocab_size"]),
+                              int(tok["special_ids"]["pad"]))
+    if s.init == "random":
+        return model_cfg, None
+
+    def from_teacher() -> tuple[dict, str]:
+        layers = check_layers(s.layers, teacher.config.layers)
+        _, params, notes = student_from_teacher(
+            teacher.config, trained_params(teacher), layers, vocab_transform=s.vocab_transform,
+            fold_token_types=s.fold_token_types, seed=cfg.train.seed, overrides=s.config)
+        return params, f"teacher layers {list(layers)}" + "".join(f"; {n}" for n in notes)
+
+    return model_cfg, from_teacher

@@ -1,4 +1,4 @@
-"""``jaxdistil launch``: run one command as N local processes of a jax.distributed job, on CPU devices.
+"""Run one command as N local processes of a jax.distributed job, on CPU devices (``jaxdistil launch``).
 
 For testing multi-host code on one machine: ``jaxdistil launch --num-processes 2
 --devices-per-process 4 -- train --config configs/tiny.yaml`` starts two ``jaxdistil train``
@@ -16,12 +16,15 @@ which ``jaxdistil.distributed.initialize`` (``distributed.mode: auto``) picks up
 
 The command after ``--`` is a jaxdistil command (``train ...`` runs ``python -m jaxdistil.cli train
 ...``), a Python script (``script.py args`` runs with this interpreter) or any program.
+
+Nothing here imports JAX: the launcher starts in a fraction of a second, and the environment
+variable names below are the contract ``jaxdistil.distributed`` reads.
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
+import ctypes
 import dataclasses
 import os
 import signal
@@ -30,12 +33,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import IO
 
 from jaxdistil.errors import UserError
 
-# The variables jaxdistil.distributed reads (kept here as strings so the launcher never imports JAX).
+# How a process learns its place in a job (read by jaxdistil.distributed; JAX's own names).
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -50,17 +53,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def child_command(command: Sequence[str]) -> list[str]:
-    """The argv for one process: jaxdistil commands and .py scripts run with this Python."""
-    from jaxdistil.cli import COMMANDS
-
+def child_command(command: Sequence[str], commands: Collection[str] = ()) -> list[str]:
+    """The argv for one process: the names in ``commands`` (jaxdistil's commands) and .py scripts
+    run with this Python."""
     command = list(command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise UserError("nothing to launch; put the command after --, e.g. "
                         "jaxdistil launch --num-processes 2 -- train --config configs/tiny.yaml")
-    if command[0] in COMMANDS:
+    if command[0] in commands:
         return [sys.executable, "-m", "jaxdistil.cli", *command]
     if command[0].endswith(".py"):
         return [sys.executable, *command]
@@ -89,8 +91,6 @@ def _parent_death_signal():
     if sys.platform != "linux":
         return None
     try:
-        import ctypes
-
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
@@ -172,13 +172,13 @@ def _stop(children: list[_Child], sig: int, grace_period: float, log, abort=lamb
 
 def launch(command: Sequence[str], num_processes: int, devices_per_process: int = 1, port: int | None = None,
            host: str = "127.0.0.1", grace_period: float = 10.0, save_timeout: float = 120.0,
-           env: Mapping[str, str] | None = None,
+           env: Mapping[str, str] | None = None, commands: Collection[str] = (),
            stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
     """Run ``command`` as ``num_processes`` processes of one jax.distributed job on this machine.
 
     Returns 0 when every process exits with 0; otherwise the exit code of the first process that
     failed (128 + signal for a killed one), after stopping the others; 128 + signal when the
-    launcher itself was interrupted.
+    launcher itself was interrupted. ``commands``: the names that are jaxdistil commands.
     """
     if num_processes < 1:
         raise UserError(f"--num-processes={num_processes} must be at least 1")
@@ -187,7 +187,7 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
     if grace_period < 0 or save_timeout < 0:
         raise UserError(f"--grace-period={grace_period} and --save-timeout={save_timeout} "
                         "must be >= 0 seconds")
-    argv = child_command(command)
+    argv = child_command(command, commands)
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     lock = threading.Lock()
@@ -267,25 +267,3 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
             _stop(leftover, signal.SIGKILL, 0.0, log)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-processes", type=int, default=2, help="processes to start (default 2)")
-    parser.add_argument("--devices-per-process", type=int, default=1,
-                        help="CPU devices each process sees (XLA host platform device count; default 1)")
-    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    parser.add_argument("--host", default="127.0.0.1", help="coordinator address (default 127.0.0.1)")
-    parser.add_argument("--grace-period", type=float, default=10.0,
-                        help="after a process failed: seconds between SIGTERM and SIGKILL for the others "
-                             "(default 10)")
-    parser.add_argument("--save-timeout", type=float, default=120.0,
-                        help="after Ctrl-C / SIGTERM to the launcher: seconds the processes get to save "
-                             "a checkpoint and exit before SIGKILL; a second Ctrl-C kills at once "
-                             "(default 120)")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="after --: a jaxdistil command (train ...), a .py script or a program")
-
-
-def run(args: argparse.Namespace) -> int:
-    return launch(args.command, args.num_processes, args.devices_per_process, port=args.port, host=args.host,
-                  grace_period=args.grace_period, save_timeout=args.save_timeout)
