@@ -217,13 +217,13 @@ def test_cli_export_errors(hf_dirs, tmp_path, capsys):
     # An unsupported architecture in a HF directory.
     clf = tmp_path / "clf"
     from transformers import BertConfig as HFBertConfig
-    from transformers import BertForSequenceClassification
+    from transformers import BertForQuestionAnswering
 
-    BertForSequenceClassification(HFBertConfig(**BERT)).save_pretrained(str(clf))
+    BertForQuestionAnswering(HFBertConfig(**BERT)).save_pretrained(str(clf))
     capsys.readouterr()
     assert cli.main(["export", "--model", str(clf), "--output", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
-    assert "architecture BertForSequenceClassification is not supported" in err and err.count("\n") == 1
+    assert "architecture BertForQuestionAnswering is not supported" in err and err.count("\n") == 1
 
     # --run pointed at a model directory.
     assert cli.main(["export", "--run", str(hf_dirs["bert"]), "--output", str(tmp_path / "o4")]) == 2
