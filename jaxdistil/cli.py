@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         command = importlib.import_module(f"jaxdistil.commands.{module_name}")
         cmd_parser = argparse.ArgumentParser(prog=f"jaxdistil {name}", description=help_text)
         command.add_arguments(cmd_parser)
-        args = cmd_parser.parse_args(argv[1:])
+        try:  # options and key=value overrides in any order
+            args = cmd_parser.parse_intermixed_args(argv[1:])
+        except TypeError:  # a command whose last argument takes the rest (launch -- ...)
+            args = cmd_parser.parse_args(argv[1:])
         return int(command.run(args) or 0)
     except UserError as err:
         # One line, whatever a library put in the message.

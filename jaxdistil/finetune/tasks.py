@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tensorflow_datasets.text.glue  # noqa: F401  (registers glue/*: tfds without TensorFlow does not)
 
 from jaxdistil.data import corpus
 from jaxdistil.errors import UserError
