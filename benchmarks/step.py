@@ -16,6 +16,14 @@ vocabulary projection: 3x the student forward (forward + backward) plus 1x the t
 
   python benchmarks/step.py                      # CPU: 8x128 fp32, jaxdistil vs eager PyTorch
   python benchmarks/step.py --device gpu         # GPU: bf16, 64x128 256x128 64x512, + torch.compile
+  python benchmarks/step.py --recipe all --batch 4 --seq 64 --teacher-layers 2 --student-layers 1
+                                                 # the three recipes (DistilBERT, DistilRoBERTa,
+                                                 # DistilGPT2) at a small CPU shape
+
+Recipes (the reference's three students, at their real widths and vocabularies):
+  distilbert     BERT teacher -> DistilBERT student, MLM triple loss (5 L_ce + 2 L_mlm + 1 L_cos)
+  distilroberta  RoBERTa -> RoBERTa student, the same MLM recipe with <mask>
+  distilgpt2     GPT-2 -> GPT-2 student, causal LM: 5 L_ce + 2 L_clm + 1 L_cos, no masking
 
 Figures go to ``benchmarks/results/step_<device>.json`` (``step_cpu.json`` on CPU).
 Importable without grain / tensorflow-datasets (the lent GPU machines lack them).
@@ -38,6 +46,9 @@ from typing import Any, Callable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = ((64, 128), (256, 128), (64, 512))
+PROFILE_STEPS = 2
+IMPLS = ("jax", "torch-eager", "torch-compile")
+RECIPES = ("distilbert", "distilroberta", "distilgpt2")
 
 
 
@@ -63,13 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation after compile")
     p.add_argument("--impls", default=None,
                    help="comma list of jax,torch-eager,torch-compile (CPU default: jax,torch-eager)")
+    p.add_argument("--recipe", default="distilbert",
+                   help=f"{', '.join(RECIPES)} or all (the three, one after the other)")
     p.add_argument("--teacher-layers", type=int, default=12)
     p.add_argument("--student-layers", type=int, default=6)
     p.add_argument("--no-dropout", action="store_true",
                    help="student without dropout on both sides (the reference trains with dropout)")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_<device>.json)")
-    p.add_argument("--profile", default=None, help="write a jax.profiler trace of 2 jaxdistil steps here")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (device, shapes, implementations, steps) and exit without running")
+    p.add_argument("--profile", default=None,
+                   help="write a jax.profiler trace of 2 jaxdistil steps per shape here, and put its "
+                        "per-op summary (benchmarks/trace_summary.py) in the JSON")
     return p.parse_args(argv)
 
 
@@ -151,7 +168,6 @@ def matmul_peak(gpu: bool, dtype: str) -> dict:
 
     mm(a, b).block_until_ready()
     out["jax_flops"] = 2 * n**3 * inner / _best_time(lambda: mm(a, b).block_until_ready(), reps)
-    del a, b
     try:
         import torch
     except ImportError:
@@ -184,22 +200,42 @@ def matmul_peak(gpu: bool, dtype: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 TEMPERATURE, ALPHA_CE, ALPHA_MLM, ALPHA_COS = 2.0, 5.0, 2.0, 1.0
+ALPHA_CLM = 2.0  # DistilGPT2: L_clm in the place of L_mlm
 LR, BETAS, EPS, MAX_GRAD_NORM, WEIGHT_DECAY = 5e-4, (0.9, 0.98), 1e-6, 5.0, 0.0
 TOTAL_STEPS, WARMUP_STEPS = 10_000, 500
+# Special ids of each recipe's tokenizer: (pad, cls / bos, sep / eos, mask; None for GPT-2).
+SPECIAL_IDS = {"distilbert": (0, 101, 102, 103), "distilroberta": (1, 0, 2, 50264),
+               "distilgpt2": (50256, 50256, 50256, None)}
 MASK_ID, PAD_ID = 103, 0
 
 
-def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
-    """Random token rows ``[CLS] ... [SEP]`` (ids avoid the special tokens), all real (no padding:
-    the reference groups rows by length) and token weights ``U(0.5, 1)`` (0 for special ids)."""
+def recipe_configs(recipe: str, teacher_layers: int, student_layers: int):
+    """(teacher config, student config) of a recipe at the reference's widths and vocabularies."""
+    from jaxdistil.models import BertConfig, DistilBertConfig, GPT2Config, RobertaConfig
+
+    if recipe == "distilbert":
+        return BertConfig(num_hidden_layers=teacher_layers), DistilBertConfig(n_layers=student_layers)
+    if recipe == "distilroberta":
+        return RobertaConfig(num_hidden_layers=teacher_layers), RobertaConfig(num_hidden_layers=student_layers)
+    if recipe == "distilgpt2":
+        return GPT2Config(n_layer=teacher_layers), GPT2Config(n_layer=student_layers)
+    raise SystemExit(f"error: unknown recipe {recipe!r}; use one of {', '.join(RECIPES)} or all")
+
+
+def make_batch(batch: int, seq: int, vocab: int, seed: int = 0, recipe: str = "distilbert"):
+    """Random token rows ``[CLS] ... [SEP]`` (or the recipe's <s> ... </s>, <|endoftext|> ...
+    <|endoftext|>; ids avoid the special tokens), all real (no padding: the reference groups rows by
+    length) and token weights ``U(0.5, 1)`` (0 for special ids)."""
     import numpy as np
 
+    pad, first, last, mask = SPECIAL_IDS[recipe]
     rng = np.random.default_rng(seed)
     ids = rng.integers(min(1000, vocab // 2), vocab, size=(batch, seq), dtype=np.int32)
-    ids[:, 0], ids[:, -1] = 101, 102
+    ids[ids == last] = last - 1
+    ids[:, 0], ids[:, -1] = first, last
     attn = np.ones((batch, seq), np.int32)
     weights = rng.uniform(0.5, 1.0, size=vocab).astype(np.float32)
-    weights[[0, 100, 101, 102, 103]] = 0.0
+    weights[[i for i in (pad, first, last, mask, 100) if i is not None and i < vocab]] = 0.0
     return ids, attn, weights
 
 
@@ -211,17 +247,18 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
 class JaxStep:
     """The jaxdistil step on one device, ready to call: ``run(n)`` does n steps and blocks."""
 
-    def __init__(self, args, teacher_cfg, student_cfg, batch: int, seq: int, dtype: str):
+    def __init__(self, args, teacher_cfg, student_cfg, batch: int, seq: int, dtype: str,
+                 recipe: str = "distilbert"):
         import jax
         import jax.numpy as jnp
 
         self.jax = jax
-        ids, attn, weights = make_batch(batch, seq, student_cfg.vocab_size)
+        ids, attn, weights = make_batch(batch, seq, student_cfg.vocab_size, recipe=recipe)
         self.tokens = batch * seq
         t0 = time.perf_counter()
         step, self.state, self.args = build_jax_step(
             teacher_cfg, student_cfg, {"input_ids": ids, "attention_mask": attn}, jnp.asarray(weights),
-            dtype, dropout=not args.no_dropout)
+            dtype, dropout=not args.no_dropout, mask_id=SPECIAL_IDS[recipe][3])
         self.init_s = time.perf_counter() - t0
         # Compiled ahead of time: the compile time is measured on its own, and the executable's
         # memory analysis gives the step's exact device memory (weights + optimizer + temporaries).
@@ -250,12 +287,14 @@ class JaxStep:
         self.jax.clear_caches()
 
 
-def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: str, dropout: bool):
+def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: str, dropout: bool,
+                   mask_id: int | None = MASK_ID):
     """jaxdistil's own train step (``jaxdistil.distill.builder.DistillStep``) on one device.
 
     Returns (jitted step, student TrainState, (teacher params, batch, token weights)); call
     ``step(state, *rest) -> (state, metrics)``. Same recipe as the PyTorch side: triple loss over
-    all attention-mask rows, AdamW (0.9, 0.98, eps 1e-6), clipping at 5, warm-up then decay.
+    all attention-mask rows (L_clm instead of L_mlm for a causal student), AdamW (0.9, 0.98, eps
+    1e-6), clipping at 5, warm-up then decay.
     """
     import jax
 
@@ -267,12 +306,14 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
 
     if not dropout:
         student_cfg = _no_dropout(student_cfg)
+    causal = student_cfg.causal
+    lm = {"alpha_mlm": 0.0, "alpha_clm": ALPHA_CLM} if causal else {"alpha_mlm": ALPHA_MLM}
     cfg = StepConfig(
-        loss=LossConfig(temperature=TEMPERATURE, alpha_ce=ALPHA_CE, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS),
+        loss=LossConfig(temperature=TEMPERATURE, alpha_ce=ALPHA_CE, alpha_cos=ALPHA_COS, **lm), causal=causal,
         optim=OptimConfig(learning_rate=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY,
                           max_grad_norm=MAX_GRAD_NORM, warmup_prop=WARMUP_STEPS / TOTAL_STEPS,
                           total_steps=TOTAL_STEPS),
-        mask_id=MASK_ID, dtype="bfloat16" if dtype == "bf16" else "float32")
+        mask_id=-1 if mask_id is None else mask_id, dtype="bfloat16" if dtype == "bf16" else "float32")
     built = DistillStep(StepSpec(student_cfg, teacher_cfg, cfg, shd.MeshConfig(data=1)), devices=jax.devices()[:1])
     state = built.init_state(jax.random.PRNGKey(1))
     t_params = built.random_teacher(jax.random.PRNGKey(0))
@@ -284,6 +325,8 @@ def _no_dropout(cfg):
 
     if hasattr(cfg, "hidden_dropout_prob"):
         return dataclasses.replace(cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if hasattr(cfg, "resid_pdrop"):
+        return dataclasses.replace(cfg, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return dataclasses.replace(cfg, dropout=0.0, attention_dropout=0.0)
 
 
@@ -303,7 +346,7 @@ class TorchStep:
     """
 
     def __init__(self, args, teacher_cfg, student_cfg, batch: int, seq: int, dtype: str, gpu: bool,
-                 compile: bool):
+                 compile: bool, recipe: str = "distilbert"):
         import torch
         import transformers
 
@@ -312,20 +355,19 @@ class TorchStep:
         self.gpu = gpu
         self.dtype = dtype
         self.tokens = batch * seq
+        self.causal = student_cfg.causal
         t0 = time.perf_counter()
-        dropout = 0.0 if args.no_dropout else None
-        tcfg = transformers.BertConfig(
-            vocab_size=teacher_cfg.vocab_size, hidden_size=teacher_cfg.hidden,
-            num_hidden_layers=teacher_cfg.layers, num_attention_heads=teacher_cfg.heads,
-            intermediate_size=teacher_cfg.mlp, max_position_embeddings=teacher_cfg.max_position_embeddings)
-        skw = {} if dropout is None else {"dropout": 0.0, "attention_dropout": 0.0}
-        scfg = transformers.DistilBertConfig(
-            vocab_size=student_cfg.vocab_size, dim=student_cfg.hidden, n_layers=student_cfg.layers,
-            n_heads=student_cfg.heads, hidden_dim=student_cfg.mlp,
-            max_position_embeddings=student_cfg.max_position_embeddings, **skw)
+        # The same configs as the jaxdistil side (transformers reads our config.json fields).
+        t_hf, s_hf = teacher_cfg.to_hf_dict(), _no_dropout(student_cfg) if args.no_dropout else student_cfg
+        s_hf = s_hf.to_hf_dict()
+        for d in (t_hf, s_hf):
+            d.pop("tie_weights_", None)
+        tcfg = transformers.AutoConfig.for_model(**t_hf)
+        scfg = transformers.AutoConfig.for_model(**s_hf)
+        lm_class = transformers.AutoModelForCausalLM if self.causal else transformers.AutoModelForMaskedLM
         torch.manual_seed(0)
-        self.teacher = transformers.BertForMaskedLM(tcfg).to(self.dev).eval()
-        self.student = transformers.DistilBertForMaskedLM(scfg).to(self.dev).train()
+        self.teacher = lm_class.from_config(tcfg).to(self.dev).eval()
+        self.student = lm_class.from_config(scfg).to(self.dev).train()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         no_decay = [p for n, p in self.student.named_parameters() if "bias" in n or "LayerNorm" in n
@@ -346,7 +388,8 @@ class TorchStep:
             return max(0.0, (TOTAL_STEPS - step) / (TOTAL_STEPS - WARMUP_STEPS))
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
-        ids, attn, weights = make_batch(batch, seq, student_cfg.vocab_size)
+        ids, attn, weights = make_batch(batch, seq, student_cfg.vocab_size, recipe=recipe)
+        self.pad_id, _, _, self.mask_id = SPECIAL_IDS[recipe]
         self.ids = torch.as_tensor(ids, dtype=torch.long, device=self.dev)
         self.attn = torch.as_tensor(attn, dtype=torch.long, device=self.dev)
         self.token_probs = torch.as_tensor(weights, device=self.dev)
@@ -359,18 +402,21 @@ class TorchStep:
         self.init_s = time.perf_counter() - t0
 
     def mask(self):
-        """prepare_batch_mlm: ceil(0.15 * real tokens) positions; 80% [MASK], 10% kept, 10% random."""
+        """prepare_batch_mlm: ceil(0.15 * real tokens) positions; 80% [MASK], 10% kept, 10% random.
+        A causal LM (prepare_batch_clm): the ids unchanged, labels the ids (-100 at padding)."""
         torch = self.torch
         ids, attn = self.ids, self.attn
+        if self.causal:
+            return ids, ids.masked_fill(attn == 0, -100)
         x_prob = self.token_probs[ids.flatten()] * attn.flatten()
         n_tgt = math.ceil(0.15 * int(attn.sum()))
         tgt = torch.multinomial(x_prob / x_prob.sum(), n_tgt, replacement=False)
         pred_mask = torch.zeros(ids.numel(), dtype=torch.bool, device=self.dev)
         pred_mask[tgt] = True
-        pred_mask = pred_mask.view_as(ids) & (ids != PAD_ID)
+        pred_mask = pred_mask.view_as(ids) & (ids != self.pad_id)
         real = ids[pred_mask]
         rand = torch.randint_like(real, self.vocab)
-        masked = torch.full_like(real, MASK_ID)
+        masked = torch.full_like(real, self.mask_id)
         choice = torch.multinomial(self.pred_probs, len(real), replacement=True)
         new = torch.where(choice == 0, masked, torch.where(choice == 1, real, rand))
         input_ids = ids.masked_scatter(pred_mask, new)
@@ -395,13 +441,16 @@ class TorchStep:
         kl = F.kl_div(F.log_softmax(s_flat / TEMPERATURE, dim=-1), F.softmax(t_flat / TEMPERATURE, dim=-1),
                       reduction="none").sum(-1)
         loss_ce = (kl * w).sum() / rows * TEMPERATURE**2  # KLDivLoss(batchmean) over the rows, x T^2
-        loss_mlm = self.ce(s_flat, labels.view(-1))
+        if self.causal:  # L_clm: next-token cross-entropy on the shifted logits
+            loss_mlm = self.ce(s_logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
+        else:
+            loss_mlm = self.ce(s_flat, labels.view(-1))
         s_h, t_h = s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float()
         dim = s_h.size(-1)
         s_h, t_h = s_h.view(-1, dim), t_h.view(-1, dim)
         cos = F.cosine_embedding_loss(s_h, t_h, s_h.new_ones(s_h.size(0)), reduction="none")
         loss_cos = (cos * w).sum() / rows
-        loss = ALPHA_CE * loss_ce + ALPHA_MLM * loss_mlm + ALPHA_COS * loss_cos
+        loss = ALPHA_CE * loss_ce + (ALPHA_CLM if self.causal else ALPHA_MLM) * loss_mlm + ALPHA_COS * loss_cos
         return loss, loss_ce, loss_mlm, loss_cos
 
     def run(self, n: int) -> dict:
@@ -418,7 +467,7 @@ class TorchStep:
             out = (loss, ce, mlm, cos, gnorm)
         if self.gpu:
             torch.cuda.synchronize()
-        names = ("loss", "loss_ce", "loss_mlm", "loss_cos", "grad_norm")
+        names = ("loss", "loss_ce", "loss_clm" if self.causal else "loss_mlm", "loss_cos", "grad_norm")
         return {k: float(v.detach()) for k, v in zip(names, out)}
 
     def peak_memory(self) -> int | None:
@@ -436,16 +485,16 @@ class TorchStep:
 # ---------------------------------------------------------------------------------------------
 
 
-def _build(impl: str, args, tcfg, scfg, batch: int, seq: int, dtype: str, gpu: bool):
+def _build(impl: str, args, tcfg, scfg, batch: int, seq: int, dtype: str, gpu: bool, recipe: str):
     if impl == "jax":
-        return JaxStep(args, tcfg, scfg, batch, seq, dtype)
+        return JaxStep(args, tcfg, scfg, batch, seq, dtype, recipe)
     if impl in ("torch-eager", "torch-compile"):
-        return TorchStep(args, tcfg, scfg, batch, seq, dtype, gpu, compile=impl == "torch-compile")
+        return TorchStep(args, tcfg, scfg, batch, seq, dtype, gpu, compile=impl == "torch-compile", recipe=recipe)
     raise SystemExit(f"error: unknown implementation {impl!r}; use jax, torch-eager, torch-compile")
 
 
 def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype: str, gpu: bool,
-                peak: float | None) -> dict:
+                peak: float | None, recipe: str = "distilbert") -> dict:
     """Times every implementation at one shape; on CPU they are interleaved round by round."""
     flops_tok = step_flops_per_token(tcfg, scfg, seq)
     steps = args.steps or (10 if not gpu else 30)
@@ -455,7 +504,7 @@ def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype:
     runners: dict[str, Any] = {}
 
     def setup(impl):
-        runner = _build(impl, args, tcfg, scfg, batch, seq, dtype, gpu)
+        runner = _build(impl, args, tcfg, scfg, batch, seq, dtype, gpu, recipe)
         t0 = time.perf_counter()
         first = runner.run(1)  # the first step (torch.compile compiles here; JAX compiled already)
         first_s = time.perf_counter() - t0
@@ -484,10 +533,17 @@ def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype:
         if args.profile and impl == "jax":
             import jax
 
+            if str(Path(__file__).resolve().parent) not in sys.path:
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from trace_summary import format_summary, op_events, summarize
+
             path = Path(args.profile) / f"{batch}x{seq}"
             with jax.profiler.trace(str(path), create_perfetto_trace=True):
-                runner.run(2)
-            print(f"  jax profile of 2 steps: {path}", flush=True)
+                runner.run(PROFILE_STEPS)
+            summary = summarize(op_events(path), runner.step.as_text(), PROFILE_STEPS)
+            results[impl]["profile"] = summary
+            print(f"  jax profile of {PROFILE_STEPS} steps: {path}", flush=True)
+            print("  " + format_summary(summary).replace("\n", "\n  "), flush=True)
 
     if gpu:
         # One implementation at a time so each has the GPU memory to itself; no contention there.
@@ -531,7 +587,7 @@ def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype:
                 if not gpu:
                     ratios[f"jax_vs_{impl}_cpu_time"] = round(
                         results[impl]["cpu_s_per_step"] / results["jax"]["cpu_s_per_step"], 3)
-    return {"batch": batch, "seq": seq, "dtype": dtype, "flops_per_token": flops_tok,
+    return {"recipe": recipe, "batch": batch, "seq": seq, "dtype": dtype, "flops_per_token": flops_tok,
             "steps_per_round": per_round, "rounds": rounds, "impls": results, "ratios": ratios,
             "baseline": base}
 
@@ -547,23 +603,33 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     dtype = args.dtype or ("bf16" if gpu else "fp32")
     impls = (args.impls or ("jax,torch-eager,torch-compile" if gpu else "jax,torch-eager")).split(",")
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        raise SystemExit(f"error: unknown implementation {unknown[0]!r} in --impls; use {', '.join(IMPLS)}")
     if args.shapes:
-        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
+        shapes = [_parse_shape(text) for text in args.shapes.split(",")]
     elif args.batch or args.seq or not gpu:
         shapes = [(args.batch or 8, args.seq or 128)]
     else:
         shapes = list(GPU_SHAPES)
 
+    recipes = list(RECIPES) if args.recipe == "all" else [args.recipe]
+    if any(r not in RECIPES for r in recipes):
+        raise SystemExit(f"error: unknown recipe {args.recipe!r}; use one of {', '.join(RECIPES)} or all")
+    if args.dry_run:
+        steps = args.steps or (30 if gpu else 10)
+        print(f"plan: device {'gpu' if gpu else 'cpu'}, {dtype}, recipes {', '.join(recipes)}, shapes "
+              f"{', '.join(f'{b}x{t}' for b, t in shapes)}, implementations {', '.join(impls)}, "
+              f"{steps} timed steps in {args.rounds or (3 if gpu else 5)} rounds + {args.warmup} warm-up, "
+              f"teacher {args.teacher_layers} layers, student {args.student_layers}, profile "
+              f"{args.profile or 'off'}, JSON {_out_path(args, gpu, None)}", flush=True)
+        return 0
     load_before = other_load()
     import jax
-
-    from jaxdistil.models import BertConfig, DistilBertConfig
 
     device = jax.devices()[0]
     if gpu and device.platform != "gpu":
         raise SystemExit("error: --device gpu but JAX sees no GPU; install CUDA jax or use --device cpu")
-    tcfg = BertConfig(num_hidden_layers=args.teacher_layers)
-    scfg = DistilBertConfig(n_layers=args.student_layers)
     try:
         import torch
 
@@ -589,14 +655,19 @@ def main(argv: list[str] | None = None) -> int:
         "jax": jax.__version__, "torch": torch_version, "torch_threads": torch_threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "dtype": dtype,
         "teacher_layers": args.teacher_layers, "student_layers": args.student_layers,
-        "dropout": not args.no_dropout, "matmul_peak": peak, "load_avg_before": load_before,
+        "recipes": recipes, "dropout": not args.no_dropout, "matmul_peak": peak, "load_avg_before": load_before,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "shapes": [],
     }
-    for batch, seq in shapes:
-        print(f"shape {batch}x{seq} {dtype}: {', '.join(impls)}", flush=True)
+    out = _out_path(args, gpu, dev_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for recipe, (batch, seq) in ((r, shape) for r in recipes for shape in shapes):
+        tcfg, scfg = recipe_configs(recipe, args.teacher_layers, args.student_layers)
+        print(f"{recipe} {batch}x{seq} {dtype}: {', '.join(impls)}", flush=True)
         res = bench_shape(args, impls, tcfg, scfg, batch, seq, dtype, gpu,
-                          peak["peak_flops"] if peak else None)
+                          peak["peak_flops"] if peak else None, recipe)
         report["shapes"].append(res)
+        # Written after every shape: a run cut short (a time limit) keeps what it measured.
+        out.write_text(json.dumps(report, indent=2) + "\n")
         for impl, r in res["impls"].items():
             mem = r.get("peak_memory_bytes")
             mem_s = f", peak mem {mem / 2**30:.2f} GiB" if mem else ""
@@ -618,15 +689,28 @@ def main(argv: list[str] | None = None) -> int:
         for res in report["shapes"]:
             for impl, r in res["impls"].items():
                 r["mfu"] = round(r["tokens_per_s"] * res["flops_per_token"] / best, 4)
-                print(f"  {res['batch']}x{res['seq']} {impl:14s} MFU {100 * r['mfu']:.1f}%", flush=True)
+                print(f"  {res['recipe']} {res['batch']}x{res['seq']} {impl:14s} MFU {100 * r['mfu']:.1f}%",
+                      flush=True)
     elif peak:
         report["peak_flops_used"] = peak["peak_flops"]
 
-    out = Path(args.out) if args.out else RESULTS_DIR / f"step_{'cpu' if not gpu else _slug(dev_name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", flush=True)
     return 0
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"error: --shapes entry {text!r} is not BATCHxSEQ (e.g. 64x128)")
+    return int(parts[0]), int(parts[1])
+
+
+def _out_path(args, gpu: bool, dev_name: str | None) -> Path:
+    if args.out:
+        return Path(args.out)
+    recipe = "" if args.recipe == "distilbert" else f"_{args.recipe}"
+    return RESULTS_DIR / f"step_{'cpu' if not gpu else _slug(dev_name or 'gpu')}{recipe}.json"
 
 
 def _slug(name: str) -> str:

@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxdistil.distill.step import TrainState
+from jaxdistil.distill.step import COS_PROJECTION, TrainState
 from jaxdistil.errors import UserError
 from jaxdistil.models import ModelConfig, build_model, init_params, load_config
 from jaxdistil.models.classification import ClassifierHead, build_classifier
@@ -177,13 +177,14 @@ def _warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _shape_mismatches(abstract: Any, stored: Any, prefix: str) -> list[str]:
-    """Leaf paths whose stored shape differs from the abstract target (or that exist in one only)."""
+def _shape_mismatches(abstract: Any, stored: Any, prefix: str, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Leaf paths whose stored shape differs from the abstract target (or that exist in one only);
+    stored subtrees named in ``ignore`` (top level) are not compared."""
     want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
     have = {}
     for p, x in jax.tree_util.tree_leaves_with_path(stored):
         shape = getattr(x, "shape", None)
-        if shape is not None:
+        if shape is not None and path_str(p).split("/")[0] not in ignore:
             have[path_str(p)] = tuple(shape)
     out = []
     for key in sorted(set(want) | set(have)):
@@ -211,10 +212,11 @@ def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
-    """Restore onto ``abstract`` (ShapeDtypeStructs whose ``sharding`` says where each array goes)."""
+def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore onto ``abstract`` (ShapeDtypeStructs whose ``sharding`` says where each array goes);
+    ``partial``: stored arrays that ``abstract`` lacks are skipped."""
     return ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=partial
     )
 
 
@@ -358,15 +360,16 @@ class RunCheckpointer:
                 self.manager.close()
 
     # -- restore
-    def check_shapes(self, step: int, abstract: dict[str, Any]) -> None:
-        """UserError if the stored arrays do not have the shapes of ``abstract`` ({item: tree}).
+    def check_shapes(self, step: int, abstract: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+        """UserError if the stored arrays do not have the shapes of ``abstract`` ({item: tree});
+        stored top-level subtrees named in ``ignore`` are not compared.
 
         A checkpoint whose metadata cannot be read at all is left to ``restore`` (corrupt).
         """
         metadata = self.manager.item_metadata(step)
         problems: list[str] = []
         for item, tree in abstract.items():
-            problems = problems or _shape_mismatches(tree, metadata[item], item)
+            problems = problems or _shape_mismatches(tree, metadata[item], item, ignore)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise UserError(
@@ -375,7 +378,7 @@ class RunCheckpointer:
             )
 
     def _restore_latest(self, items: Callable[[], dict[str, Any]], shapes: dict[str, Any],
-                        step: int | None) -> tuple[int, dict[str, Any]] | None:
+                        step: int | None, ignore: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]] | None:
         """The one restore loop: ``step`` (default: the latest readable one) -> (step, items).
 
         A step that fails to read is moved aside (or, read-only, skipped) and the previous one is
@@ -384,7 +387,7 @@ class RunCheckpointer:
         steps = self.all_steps() if step is None else [step]
         for candidate in reversed(steps):
             try:
-                self.check_shapes(candidate, shapes)
+                self.check_shapes(candidate, shapes, ignore)
                 out = self.manager.restore(candidate, args=ocp.args.Composite(**items()))
                 meta = dict(out.get("meta") or {"step": candidate})
                 if int(meta.get("step", candidate)) != candidate:
@@ -437,9 +440,10 @@ class RunCheckpointer:
         return Restored(state=state, data_states=data, meta=meta)
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any] | None:
-        """Only the params of ``step`` (default: the latest readable one): (step, params)."""
-        found = self._restore_latest(lambda: {"params": _restore_args(abstract_params)},
-                                     {"params": abstract_params}, step)
+        """Only the model's params of ``step`` (default: the latest readable one): (step, params);
+        training-only arrays beside them (L_cos's projection, ``COS_PROJECTION``) are left out."""
+        found = self._restore_latest(lambda: {"params": _restore_args(abstract_params, partial=True)},
+                                     {"params": abstract_params}, step, ignore=(COS_PROJECTION,))
         return None if found is None else (found[0], found[1]["params"])
 
     def _move_aside(self, step: int) -> None:

@@ -38,7 +38,8 @@ from jaxdistil.distill.optim import OptimConfig
 from jaxdistil.distill.sharding import MeshConfig
 from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
-from jaxdistil.models import COMPUTE_DTYPES, BertConfig, DistilBertConfig
+from jaxdistil.models import COMPUTE_DTYPES
+from jaxdistil.models.configs import CONFIG_CLASSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,8 @@ class StudentConfig:
     init: "teacher" (copy ``layers`` of the teacher, see jaxdistil.init_student), "random", or a
       path / hub id of a model to start from (Flax model dir, HF dir, run dir).
     layers: teacher layers the student keeps (init=teacher).
-    model_type: "distilbert" or "bert" (init=random; a teacher-initialised student is DistilBERT).
+    model_type: "distilbert", "bert", "roberta" or "gpt2" (init=random; a teacher-initialised
+      student has the teacher's architecture, DistilBERT for a BERT teacher).
     config: Hugging Face config.json fields. init=random: the student's shape (vocab_size and
       pad_token_id default to the data's tokenizer, other missing fields to transformers'
       defaults); init=teacher: non-shape fields such as dropout.
@@ -81,9 +83,9 @@ class StudentConfig:
     freeze_token_type_embds: bool = False
 
     def __post_init__(self) -> None:
-        if self.model_type not in ("distilbert", "bert"):
-            raise UserError(f"student.model_type must be distilbert or bert, got {self.model_type!r}")
-        cls = DistilBertConfig if self.model_type == "distilbert" else BertConfig
+        if self.model_type not in CONFIG_CLASSES:
+            raise UserError(f"student.model_type must be one of {', '.join(CONFIG_CLASSES)}, got {self.model_type!r}")
+        cls = CONFIG_CLASSES[self.model_type]
         known = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in self.config.items():
             if key not in known:
@@ -123,6 +125,8 @@ class TrainConfig:
     remat: recompute each layer's activations in the backward pass (less memory, ~30% more compute).
     compile_cache: directory of JAX's persistent compilation cache (a restarted run loads its compiled
       step instead of compiling again); null = off.
+    eval_mask_only: also score the held-out split with every chosen position replaced by [MASK]
+      ("mask_accuracy") and the most-frequent-token baseline there ("mask_baseline").
     """
 
     steps: int = 0
@@ -134,6 +138,7 @@ class TrainConfig:
     dtype: str = "float32"
     remat: bool = False
     compile_cache: str | None = None
+    eval_mask_only: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.epochs <= 0 and self.steps == 0:

@@ -41,6 +41,19 @@ def eval_masking() -> MaskingConfig:
     return MaskingConfig(mlm_smoothing=EVAL_SMOOTHING)
 
 
+def mask_only_masking() -> MaskingConfig:
+    """15% of the real tokens, chosen uniformly, every one replaced by [MASK] (no kept or random
+    tokens to copy): accuracy there measures what the model infers from the context."""
+    return MaskingConfig(mlm_smoothing=EVAL_SMOOTHING, word_mask=1.0, word_keep=0.0, word_rand=0.0)
+
+
+def most_frequent_token(manifest: dict) -> int:
+    """The most frequent non-special token of the training split: the no-context baseline's guess."""
+    counts = manifest_lib.token_counts(manifest).astype(np.int64).copy()
+    counts[list(manifest["tokenizer"]["special_ids"].values())] = -1
+    return int(np.argmax(counts))
+
+
 def eval_token_weights(manifest: dict) -> np.ndarray:
     """Masking weights [V] of held-out evaluation: 1 for every token, 0 for the special ones."""
     return manifest_lib.token_weights(manifest, EVAL_SMOOTHING)
@@ -66,6 +79,7 @@ def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
         "accuracy": float(sums["mlm_correct"]) / rows,
         "masked_tokens": rows,
         "tokens": float(sums["tokens"]),
+        **({"baseline_accuracy": float(sums["baseline_correct"]) / rows} if "baseline_correct" in sums else {}),
     }
 
 
@@ -111,12 +125,16 @@ class HeldOut:
         self.weights = built.replicate(eval_token_weights(manifest))
         self.pad = {"input_ids": int(manifest["tokenizer"]["special_ids"]["pad"])}
 
-    def score(self, params: Any, which: str = "student") -> dict[str, float]:
-        """``metrics_from_sums`` of the "student" or "teacher" params."""
+    def score(self, params: Any, which: str = "student", mask_only: bool = False) -> dict[str, float]:
+        """``metrics_from_sums`` of the "student" or "teacher" params: BERT's 80/10/10 masks, or
+        with ``mask_only`` [MASK] everywhere (plus the most-frequent-token baseline's accuracy)."""
         batches = ShardedBatches(
             lambda i, n: loader_lib.eval_batches(self.manifest, self.cfg, shard_index=i, shard_count=n),
             self.data_shards, self.cfg.batch_size, shd.batch_sharding(self.built.mesh), self.pad)
-        step = self.built.eval_step(which, eval_masking())
+        if mask_only:
+            step = self.built.eval_step(which, mask_only_masking(), most_frequent_token(self.manifest))
+        else:
+            step = self.built.eval_step(which, eval_masking())
         return evaluate_params(step, params, batches, self.weights, self.built.shard_batch, self.max_batches)
 
 
@@ -131,8 +149,10 @@ def evaluate_model(
     split: str = "validation",
     step: int | None = None,
     seed: int = EVAL_SEED,
+    mask_only: bool = False,
 ) -> dict[str, Any]:
-    """MLM loss / perplexity / accuracy of ``model`` on the held-out split of ``data_dir``.
+    """MLM loss / perplexity / accuracy of ``model`` on the held-out split of ``data_dir``
+    (``mask_only``: every chosen position replaced by [MASK], with the most-frequent-token baseline).
 
     model: a jaxdistil run dir (latest or ``step`` checkpoint), a Flax model dir, a HF dir or hub id.
     The batch is spread over all devices (data parallel); ``batch_size`` is rounded up to a multiple
@@ -146,17 +166,23 @@ def evaluate_model(
             "evaluation needs a *ForMaskedLM model"
         )
     manifest_lib.check_model_vocab(manifest, loaded, what=f"the model {model}")
+    causal = loaded.config.causal
+    if causal and mask_only:
+        raise UserError(f"{model} is a causal LM: --mask-only applies to masked LMs; evaluate it without it")
+    lm = {"alpha_mlm": 0.0, "alpha_clm": 1.0} if causal else {}
     spec = StepSpec(student=loaded.config, teacher=None, step=StepConfig(
-        loss=dataclasses.replace(StepConfig().loss, alpha_ce=0.0, alpha_cos=0.0),
+        loss=dataclasses.replace(StepConfig().loss, alpha_ce=0.0, alpha_cos=0.0, **lm),
         optim=dataclasses.replace(StepConfig().optim, total_steps=1),
-        masking=eval_masking(), mask_id=manifest["tokenizer"]["special_ids"]["mask"], dtype=dtype))
+        masking=mask_only_masking() if mask_only else eval_masking(),
+        mask_id=manifest_lib.mask_token_id(manifest, causal), dtype=dtype, causal=causal))
     built = DistillStep(spec)
     n = shd.batch_divisor(built.mesh)
     batch_size = -(-batch_size // n) * n
-    max_len = min(max_len or int(manifest["max_len"]), loaded.config.max_position_embeddings)
+    max_len = min(max_len or int(manifest["max_len"]), loaded.config.max_tokens)
     params = shd.shard_params(loaded.params, built.state_shardings.params)
     batches = loader_lib.eval_batches(manifest, eval_loader_config(batch_size, max_len), split=split)
-    out = evaluate_params(built.eval_step("student"), params, batches, built.replicate(eval_token_weights(manifest)),
-                          built.shard_batch, max_batches, seed)
+    baseline = most_frequent_token(manifest) if mask_only else None
+    out = evaluate_params(built.eval_step("student", baseline_id=baseline), params, batches,
+                          built.replicate(eval_token_weights(manifest)), built.shard_batch, max_batches, seed)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(loaded.params))
     return {"model": str(model), "step": loaded.step, "params": n_params, **out}

@@ -37,6 +37,9 @@ def fill_mask(loaded, tokenizer, texts: str | list[str], top_k: int = 5) -> list
     if not loaded.has_mlm_head:
         raise UserError(f"{loaded.path}: the model has no trained MLM head (encoder-only checkpoint); "
                         "fill-mask needs a masked-LM model")
+    if loaded.config.causal:
+        raise UserError(f"{loaded.path}: {loaded.config.model_type} is a causal LM, not a masked LM; "
+                        "use `jaxdistil generate` to continue a prompt")
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     cfg = loaded.config
@@ -44,7 +47,7 @@ def fill_mask(loaded, tokenizer, texts: str | list[str], top_k: int = 5) -> list
     forward = jax.jit(lambda p, ids, types: model.apply({"params": p}, ids, token_type_ids=types).logits)
     mask_id = tokenizer.mask_token_id
     if mask_id is None:
-        raise UserError("the tokenizer has no mask token; use a BERT-style tokenizer with [MASK]")
+        raise UserError("the tokenizer has no mask token; use the masked-LM's tokenizer ([MASK] / <mask>)")
     results = []
     for text in [texts] if isinstance(texts, str) else texts:
         enc = tokenizer(text, return_tensors="np")
@@ -53,9 +56,9 @@ def fill_mask(loaded, tokenizer, texts: str | list[str], top_k: int = 5) -> list
         if positions.size == 0:
             raise UserError(f"no {tokenizer.mask_token} token in {text!r}; put {tokenizer.mask_token} where "
                             "a word should be predicted")
-        if ids.shape[1] > cfg.max_position_embeddings:
+        if ids.shape[1] > cfg.max_tokens:
             raise UserError(f"text is {ids.shape[1]} tokens long, more than the model's "
-                            f"{cfg.max_position_embeddings} positions; shorten it")
+                            f"{cfg.max_tokens} positions; shorten it")
         types = enc.get("token_type_ids") if isinstance(cfg, BertConfig) else None
         types = jnp.asarray(types, jnp.int32) if types is not None else None
         with jax.default_matmul_precision("highest"):  # fp32 as PyTorch (GPUs default to TF32)

@@ -24,7 +24,7 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 # Metrics of the train step that are averaged over a logging interval (the rest: last value or sum).
-MEAN_KEYS = ("loss", "loss_ce", "loss_mlm", "loss_cos", "loss_mse", "mlm_accuracy", "grad_norm")
+MEAN_KEYS = ("loss", "loss_ce", "loss_mlm", "loss_clm", "loss_cos", "loss_mse", "mlm_accuracy", "grad_norm")
 
 
 def measure_peak_flops(dtype: Any) -> float:

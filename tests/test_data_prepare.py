@@ -4,7 +4,6 @@ import dataclasses
 import itertools
 import json
 from collections import Counter
-from pathlib import Path
 
 import grain
 import numpy as np

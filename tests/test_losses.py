@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from jaxdistil.distill.losses import (
     mlm_loss,
     mse_loss,
     plain_loss_sums,
+    shard_rows_bound,
 )
 from jaxdistil.errors import UserError
 from jaxdistil.models import DistilBertConfig, build_model, init_params
@@ -354,8 +356,12 @@ def test_gathered_rows_are_sharded_over_the_batch_axis():
     sharded = jax.jit(jax.value_and_grad(lambda w, h: loss(w, h, rules), argnums=(0, 1)),
                       in_shardings=(NamedSharding(mesh, P()), rows))
     hlo = sharded.lower(ws, sh).compile().as_text()
-    # The student head's matmul on the gathered rows: [k / 8, vocab] per device.
-    assert f"f32[{k // 8},{vocab}]" in hlo and f"f32[{k},{vocab}]" not in hlo
+    # The student head's matmul on each shard's own gathered rows: [rows, vocab] per device, rows
+    # the per-shard bound (not all k rows, nor all b * t).
+    rows_per_shard = shard_rows_bound(k, b * t, 8)
+    assert rows_per_shard < k
+    assert re.search(rf"f32\[(1,)?{rows_per_shard},{vocab}\]", hlo)
+    assert f"f32[{k},{vocab}]" not in hlo and f"{b * t},{vocab}]" not in hlo
     v_sh, g_sh = sharded(ws, sh)
     v_1, g_1 = jax.jit(jax.value_and_grad(lambda w, h: loss(w, h, ()), argnums=(0, 1)))(ws, sh)
     np.testing.assert_allclose(float(v_sh), float(v_1), rtol=1e-6)

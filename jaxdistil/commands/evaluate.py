@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, default=None, help="checkpoint step of a run dir (default: latest)"
     )
+    parser.add_argument("--mask-only", action="store_true",
+                        help="replace every chosen position by [MASK] (no kept / random tokens) and report "
+                             "the most-frequent-token baseline too")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -31,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         split=args.split,
         step=args.step,
+        mask_only=args.mask_only,
     )
     if args.json:
         print(json.dumps(out))
@@ -41,5 +45,8 @@ def run(args: argparse.Namespace) -> int:
             f"{int(out['masked_tokens']):,} masked of {int(out['tokens']):,} tokens"
         )
         print(f"  mlm loss {out['loss']:.4f}  perplexity {out['perplexity']:.2f}", end="")
-        print(f"  accuracy {out['accuracy']:.4f}")
+        print(f"  accuracy {out['accuracy']:.4f}", end="")
+        if "baseline_accuracy" in out:
+            print(f"  (most frequent token: {out['baseline_accuracy']:.4f})", end="")
+        print()
     return 0

@@ -1,4 +1,5 @@
-"""``jaxdistil init-student --teacher DIR --layers 0,2,4,7,9,11 --output DIR``: a student from teacher layers."""
+"""``jaxdistil init-student --teacher DIR --layers 0,2,4,7,9,11 --output DIR``: a student from teacher layers
+(DistilBERT from BERT; RoBERTa and GPT-2 students of their teacher's architecture)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     save_flax_model(cfg, params, out, has_mlm_head=teacher.has_mlm_head, tokenizer_dir=teacher.tokenizer_dir,
                     force=args.force, origin=f"init-student --teacher {args.teacher} --layers {args.layers}")
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-    print(f"student: {cfg.n_layers} layers from teacher layers {args.layers}, {n_params / 1e6:.1f}M params "
+    print(f"student: {type(cfg).__name__} of {cfg.layers} layers from teacher layers {args.layers}, {n_params / 1e6:.1f}M params "
           f"-> {out}")
     for note in notes:
         print(f"  note: {note}")

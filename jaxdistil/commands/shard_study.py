@@ -134,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
                                   strict=not args.allow_replicate, total_steps=total)
     if setup.batch < 1 or setup.seq < 2:
         raise UserError(f"--batch must be >= 1 and --seq >= 2, got {setup.batch} and {setup.seq}")
-    if setup.seq > setup.student.max_position_embeddings:
+    if setup.seq > setup.student.max_tokens:
         raise UserError(
-            f"--seq {setup.seq} exceeds the model's {setup.student.max_position_embeddings} positions")
+            f"--seq {setup.seq} exceeds the model's {setup.student.max_tokens} positions")
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

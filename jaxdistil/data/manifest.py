@@ -104,3 +104,16 @@ def token_weights(manifest: dict[str, Any], smoothing: float = 0.7) -> np.ndarra
 
 def tokenizer_dir(manifest: dict[str, Any]) -> str:
     return str(Path(manifest["data_dir"]) / manifest["tokenizer_dir"])
+
+
+def mask_token_id(manifest: dict, causal: bool = False) -> int:
+    """The data's mask token id; -1 for causal-LM data without one (no masking then).
+
+    A masked LM on data whose tokenizer has no mask token (GPT-2's) is a UserError."""
+    special = manifest["tokenizer"]["special_ids"]
+    if "mask" in special:
+        return int(special["mask"])
+    if causal:
+        return -1
+    raise UserError("the data's tokenizer has no mask token, which masked-LM training needs; prepare the data "
+                    "with the masked LM's tokenizer (BERT [MASK], RoBERTa <mask>)")

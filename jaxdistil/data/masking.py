@@ -149,3 +149,22 @@ def mask_tokens(
     masked_ids = jnp.where(chosen, replacement, input_ids)
     labels = jnp.where(chosen, input_ids, IGNORE_INDEX)
     return masked_ids, labels
+
+
+def causal_labels(input_ids: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Next-token labels for causal-LM training (GPT-2), aligned with the logits: [B, T] int32.
+
+    ``labels[:, t] = input_ids[:, t + 1]`` where positions t and t + 1 are both real tokens (and, for
+    packed rows, of the same segment); IGNORE_INDEX elsewhere, and at the last position. The loss on
+    these labels is the reference's ``cross_entropy(logits[:, :-1], lm_labels[:, 1:])`` with
+    ``lm_labels`` = ids, -100 at padding; kept at full length so every loss sees [B, T] rows.
+    """
+    ids = jnp.asarray(input_ids).astype(jnp.int32)
+    real = jnp.asarray(attention_mask).astype(bool)
+    nxt = jnp.roll(ids, -1, axis=1)
+    ok = real & jnp.roll(real, -1, axis=1)
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids)
+        ok = ok & (seg == jnp.roll(seg, -1, axis=1))
+    ok = ok.at[:, -1].set(False)
+    return jnp.where(ok, nxt, IGNORE_INDEX).astype(jnp.int32)

@@ -79,7 +79,7 @@ def load_tokenizer(spec: str | os.PathLike):
             ) from None
     if not getattr(tok, "is_fast", False):
         raise UserError(f"tokenizer {spec} has no fast (Rust) version; pass a tokenizer with tokenizer.json")
-    special_ids(tok)  # fail early when [CLS]/[SEP]/[MASK]/... are missing
+    special_ids(tok)  # fail early when [CLS]/[SEP]/... (or bos/eos) are missing
     return tok
 
 
@@ -153,14 +153,26 @@ def vocab_in_id_order(tok) -> list[str]:
 
 
 def special_ids(tok) -> dict[str, int]:
-    """Ids of pad/unk/cls/sep/mask (the keys are ``pad``, ``unk``, ``cls``, ``sep``, ``mask``)."""
+    """Ids of pad/unk/cls/sep/mask (the keys are ``pad``, ``unk``, ``cls``, ``sep``, ``mask``).
+
+    ``cls`` / ``sep`` are what ``prepare`` wraps every sequence with: BERT's [CLS] / [SEP],
+    RoBERTa's <s> / </s>, or for a tokenizer without them (GPT-2) its bos / eos tokens (both
+    <|endoftext|>, as the reference's binarized_data.py writes GPT-2 data). Without a pad token
+    (GPT-2) batches are padded with eos under the attention mask; without a mask token there is no
+    ``mask`` key (causal-LM data only).
+    """
+    fallback = {"cls_token": "bos_token", "sep_token": "eos_token", "pad_token": "eos_token", "unk_token": "eos_token"}
     ids = {}
     for key in SPECIAL_TOKENS:
         idx = getattr(tok, key + "_id", None)
+        if idx is None and key in fallback:
+            idx = getattr(tok, fallback[key] + "_id", None)
+        if idx is None and key == "mask_token":
+            continue
         if idx is None:
             raise UserError(
-                f"the tokenizer has no {key.replace('_token', '')} token; BERT-style tokenizers "
-                "([CLS] ... [SEP] with [MASK] and [PAD]) are required"
+                f"the tokenizer has no {key.replace('_token', '')} token; use a BERT or RoBERTa tokenizer "
+                "([CLS]/<s> ... [SEP]/</s>) or one with bos/eos tokens (GPT-2)"
             )
         ids[key.replace("_token", "")] = int(idx)
     return ids

@@ -32,6 +32,7 @@ from jaxdistil.distill.optim import frozen_param_paths, make_optimizer
 from jaxdistil.distill.step import (
     StepConfig, TrainState, abstract_train_state, build_models, init_train_state, make_eval_step,
     make_train_step)
+from jaxdistil.errors import UserError
 from jaxdistil.models import ModelConfig, init_params
 
 PyTree = Any
@@ -61,9 +62,20 @@ def run_step_spec(cfg: Any, student: ModelConfig, teacher: ModelConfig | None, m
     step = StepConfig(
         loss=cfg.loss, masking=cfg.masking, optim=dataclasses.replace(cfg.optim, total_steps=total_steps),
         mask_id=int(mask_id), dtype=cfg.train.dtype, remat=cfg.train.remat,
-        group_rows=cfg.loader.group_rows, frozen=frozen)
+        group_rows=cfg.loader.group_rows, frozen=frozen, causal=student.causal,
+        projection=cos_projection(cfg.loss, student, teacher))
     mesh = dataclasses.replace(cfg.mesh, rules=tuple(cfg.mesh.rules) + tuple(rules))
     return StepSpec(student, teacher, step, mesh, strict)
+
+
+def cos_projection(loss: Any, student: ModelConfig, teacher: ModelConfig | None) -> tuple[int, int] | None:
+    """(student width, teacher width) of L_cos's learned projection (loss.cos_projection=linear), or None."""
+    if loss.cos_projection == "none":
+        return None
+    if teacher is None:
+        raise UserError("loss.cos_projection=linear needs a teacher (it maps the student's hidden states "
+                        "to the teacher's width); remove it for MLM-only training")
+    return (student.hidden, teacher.hidden)
 
 
 class DistillStep:
@@ -77,7 +89,7 @@ class DistillStep:
         self.optimizer, self.schedule = make_optimizer(spec.step.optim, model_cfg=spec.student,
                                                        frozen=spec.step.frozen)
         self.abstract_state, self.state_shardings = abstract_train_state(
-            self.student, self.optimizer, self.mesh, self.rules, spec.strict)
+            self.student, self.optimizer, self.mesh, self.rules, spec.strict, projection=spec.step.projection)
         self.teacher_shardings = None
         if self.teacher is not None:
             self.teacher_shardings = shd.param_shardings(self.teacher, self.mesh, self.rules,
@@ -86,14 +98,14 @@ class DistillStep:
             self.student, self.teacher, spec.step, self.optimizer, self.schedule, self.mesh, self.rules,
             self.state_shardings, self.teacher_shardings,
             compiler_options=dict(spec.compiler_options) if spec.compiler_options else None)
-        self._eval_steps: dict[tuple[str, MaskingConfig], Any] = {}
+        self._eval_steps: dict[tuple, Any] = {}
 
     # -- state and parameters
     def init_state(self, rng: jax.Array, params: PyTree | None = None) -> TrainState:
         """The initial TrainState, born sharded: ``params`` placed by the rules (e.g. a student
         copied from teacher layers) or drawn at random from ``rng``."""
         state, _ = init_train_state(self.student, rng, self.optimizer, self.mesh, self.rules, params=params,
-                                    strict=self.spec.strict)
+                                    strict=self.spec.strict, projection=self.spec.step.projection)
         return state
 
     def place_teacher(self, params: PyTree) -> PyTree:
@@ -112,13 +124,14 @@ class DistillStep:
         return jax.device_put(value, shd.replicated(self.mesh))
 
     # -- evaluation
-    def eval_step(self, which: str = "student", masking: MaskingConfig | None = None):
+    def eval_step(self, which: str = "student", masking: MaskingConfig | None = None,
+                  baseline_id: int | None = None):
         """The jitted held-out scoring of the student's or the teacher's params (``make_eval_step``),
-        with ``masking`` (default: the step's); built once per (model, masking)."""
-        key = (which, masking or self.spec.step.masking)
+        with ``masking`` (default: the step's); built once per (model, masking, baseline)."""
+        key = (which, masking or self.spec.step.masking, baseline_id)
         if key not in self._eval_steps:
             model = self.student if which == "student" else self.teacher
             shardings = self.state_shardings.params if which == "student" else self.teacher_shardings
             cfg = dataclasses.replace(self.spec.step, masking=key[1])
-            self._eval_steps[key] = make_eval_step(model, cfg, self.mesh, self.rules, shardings)
+            self._eval_steps[key] = make_eval_step(model, cfg, self.mesh, self.rules, shardings, baseline_id)
         return self._eval_steps[key]

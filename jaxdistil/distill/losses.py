@@ -30,6 +30,10 @@ possible:
     forward of both heads, on each chunk, in the backward pass (none when all rows fit one chunk);
   * on a block of logits, a custom VJP keeps only the logits as residuals and forms the gradient
     with respect to the student logits in one fused expression (see ``_logit_sums``).
+Collectives. Under a mesh the rows are laid out as [S, N/S] blocks, one per batch shard (data x
+fsdp), and the student head runs on per-shard copies of its parameters under ``vmap``: each
+device accumulates the head's weight gradient over all its chunks, and the shards' gradients are
+reduced once after the loop, not once per chunk (``_blocked_sums``).
 The plain functions (``ce_loss``, ``mlm_loss``, ``cos_loss``, ``mse_loss``, ``plain_loss_sums``)
 take full logits and read as the specification; the tests check the two agree.
 """
@@ -39,13 +43,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from jaxdistil.data.masking import IGNORE_INDEX
+from jaxdistil.distill.sharding import BATCH_AXES
 from jaxdistil.errors import UserError
 
 Head = Callable[[jax.Array], jax.Array]  # hidden [N, D] -> logits [N, V]
@@ -63,6 +69,13 @@ class LossConfig:
 
     temperature:         T of the soft targets; L_ce is scaled by T^2 as in the reference.
     alpha_ce/mlm/cos/mse: weights of the four terms in the total; alpha_mse = 0 skips L_mse.
+    alpha_clm:           weight of L_clm, the next-token cross-entropy of causal LMs (GPT-2), which
+                         takes the place of L_mlm (one of the two is 0, as the reference asserts).
+                         The sums carry it in the MLM slot ("mlm_sum": the LM cross-entropy over the
+                         labelled rows, masked or next-token); the metrics add "loss_clm".
+    cos_projection:      "none": L_cos needs equal widths; "linear": a learned projection (kernel
+                         [D_student, D_teacher] + bias, trained with the student, not exported)
+                         maps the student's last hidden states to the teacher's width first.
     restrict_ce_to_mask: L_ce (and L_mse) only over the masked positions instead of all tokens.
     chunk_rows:          token rows whose logits are materialised at once (None = all rows at once,
                          no recomputation). Larger is faster (bigger matmuls, no recompute when
@@ -81,22 +94,33 @@ class LossConfig:
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
     alpha_mse: float = 0.0
+    alpha_clm: float = 0.0
     restrict_ce_to_mask: bool = False
     chunk_rows: int | None = 2048
     normalize: str = "batch"
+    cos_projection: str = "none"
 
     def __post_init__(self):
         if self.normalize not in NORMALIZE:
             raise UserError(f"loss.normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
         if not self.temperature > 0:
             raise UserError(f"loss.temperature must be > 0, got {self.temperature}; set e.g. temperature=2.0")
-        for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse"):
+        if self.cos_projection not in COS_PROJECTIONS:
+            raise UserError(f"loss.cos_projection must be one of {', '.join(COS_PROJECTIONS)}, "
+                            f"got {self.cos_projection!r}")
+        if self.alpha_mlm > 0 and self.alpha_clm > 0:
+            raise UserError("loss.alpha_mlm and loss.alpha_clm are both > 0; a masked LM trains with "
+                            "alpha_mlm, a causal LM (GPT-2) with alpha_clm: set the other to 0")
+        for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse", "alpha_clm"):
             value = getattr(self, name)
             if not value >= 0:
                 raise UserError(f"loss.{name} must be >= 0, got {value}; use 0 to switch the term off")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise UserError(
                 f"loss.chunk_rows must be a positive number of rows or null, got {self.chunk_rows}")
+
+
+COS_PROJECTIONS = ("none", "linear")
 
 
 def max_masked_rows(batch: int, length: int, mlm_mask_prop: float, masked_batch: int | None = None) -> int:
@@ -268,6 +292,7 @@ def plain_loss_sums(
     attention_mask: jax.Array,
     cfg: LossConfig,
     weights: dict[str, jax.Array] | None = None,
+    cos_hidden: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """``loss_sums`` computed the obvious way: both heads on all B*T rows at once ([B, T, V] logits).
 
@@ -285,12 +310,14 @@ def plain_loss_sums(
     if teacher_hidden is None:
         return out
     teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
-    t_logits = jax.lax.stop_gradient(teacher_head(teacher_hidden.reshape(b * t, d)).reshape(b, t, -1))
+    t_logits = jax.lax.stop_gradient(teacher_head(teacher_hidden.reshape(b * t, -1)).reshape(b, t, -1))
     rows = weights["ce"]
     out["ce_sum"] = jnp.sum(kl_per_row(s_logits, t_logits, cfg.temperature) * rows) * cfg.temperature**2
     if cfg.alpha_mse > 0:
         out["mse_sum"] = jnp.sum(sq_err_per_row(s_logits, t_logits) * rows)
-    out["cos_sum"] = jnp.sum(one_minus_cos_per_row(student_hidden, teacher_hidden) * weights["cos"])
+    cos_in = student_hidden if cos_hidden is None else cos_hidden
+    if cos_in.shape == teacher_hidden.shape:
+        out["cos_sum"] = jnp.sum(one_minus_cos_per_row(cos_in, teacher_hidden) * weights["cos"])
     return out
 
 
@@ -362,16 +389,6 @@ def _logit_sums_bwd(temperature, with_mse, res, g):
 _logit_sums.defvjp(_logit_sums_fwd, _logit_sums_bwd)
 
 
-def _block_sums(s_h, t_h, labels, ce_w, mlm_w, student_head, teacher_head, temperature, with_mse):
-    """Sums over one block of rows: s_h, t_h [n, D], labels [n], ce_w, mlm_w [n] float32 -> 4 scalars.
-
-    Returns (ce_sum without T^2, mlm_sum, mse_sum, mlm_correct).
-    """
-    s_logits = student_head(s_h)
-    t_logits = None if t_h is None else jax.lax.stop_gradient(teacher_head(t_h))
-    return _logit_sums(s_logits, t_logits, labels, ce_w, mlm_w, temperature, with_mse and t_h is not None)
-
-
 def _chunking(n: int, chunk_rows: int) -> tuple[int, int]:
     """(number of chunks, rows per chunk) covering n rows with chunks of at most chunk_rows.
 
@@ -384,105 +401,197 @@ def _chunking(n: int, chunk_rows: int) -> tuple[int, int]:
     return n_chunks, -(-n // n_chunks)
 
 
-def _row_sums(s_h, t_h, labels, ce_w, mlm_w, student_head, teacher_head, temperature, with_mse, chunk_rows):
-    """``_block_sums`` over N rows, ``chunk_rows`` at a time (scan + checkpoint) when N is larger."""
-    n = s_h.shape[0]
-    if chunk_rows is None or n <= chunk_rows:
-        return _block_sums(s_h, t_h, labels, ce_w, mlm_w, student_head, teacher_head, temperature, with_mse)
-    n_chunks, rows = _chunking(n, chunk_rows)
+def shard_rows_bound(max_rows: int, n: int, shards: int) -> int:
+    """Masked rows one of ``shards`` equal blocks of ``n`` rows may hold, given ``max_rows`` for all n.
+
+    On one shard, ``max_rows``. Split over shards, each block gets a random share of the masked
+    rows, which can exceed max_rows / shards: a margin of 4 standard deviations (about 4 sqrt(mean))
+    keeps the overflow (computed exactly by the all-rows path) rare.
+    """
+    if shards == 1:
+        return max_rows
+    mean = max_rows / shards
+    return min(n // shards, math.ceil(mean + 4.0 * math.sqrt(mean)) + 2)
+
+
+def _batch_axes() -> tuple[str, ...]:
+    """The batch axes (data, fsdp) of the mesh the step traces under; () without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.shape)
+
+
+def batch_shards() -> int:
+    """Shards of the batch rows (data x fsdp) of the mesh the step traces under; 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in _batch_axes())
+
+
+def _over_shards(x: jax.Array, shards: int) -> jax.Array:
+    """Lay dim 0 of ``x`` [S, ...] over the batch axes (each device holds its shard's slice), the
+    other dims as XLA likes. A no-op on one shard."""
+    if shards == 1:
+        return x
+    spec = P(_batch_axes(), *([P.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _shard_sums(fn, params, s_h, t_h, labels, ce_w, mlm_w, teacher_head, temperature, with_mse):
+    """Sums over one shard's block of rows: s_h, t_h [n, D], labels / weights [n] -> 4 scalars
+    (ce_sum without T^2, mlm_sum, mse_sum, mlm_correct)."""
+    s_logits = fn(params, s_h)
+    t_logits = None if t_h is None else jax.lax.stop_gradient(teacher_head(t_h))
+    return _logit_sums(s_logits, t_logits, labels, ce_w, mlm_w, temperature, with_mse and t_h is not None)
+
+
+def _blocked_sums(blocks, head, teacher_head, temperature, with_mse, chunk_rows, shards):
+    """The four sums over rows laid out as ``blocks`` (s_h, t_h, labels, ce_w, mlm_w) of shape
+    [S, n, ...]: block s lives on the devices of batch shard s.
+
+    The student head runs on per-shard copies of its parameters ([S, ...], one copy per shard, so one
+    per device), under ``vmap`` over the shards. The gradient of those copies accumulates on each
+    device over the chunks of the loop, and is reduced over the shards once, after the loop (the
+    transpose of the broadcast), instead of once per chunk.
+    """
+    fn, params = head
+
+    def one_shard(prm, s, t, lab, w, m):
+        return _shard_sums(fn, prm, s, t, lab, w, m, teacher_head, temperature, with_mse)
+
+    if shards == 1:
+        # One shard: the parameters as they are (a [1, ...] copy would only cost a batched matmul,
+        # which XLA:CPU feeds with a transposed copy of the word embedding).
+        per_shard = params
+
+        def sums_fn(prm, *xs):
+            return one_shard(prm, *(None if x is None else x[0] for x in xs))
+    else:
+        per_shard = jax.tree.map(lambda p: _over_shards(jnp.broadcast_to(p, (shards, *p.shape)), shards), params)
+        sums_fn = jax.vmap(one_shard, in_axes=(0, 0, None if blocks[1] is None else 0, 0, 0, 0))
+    n = blocks[0].shape[1]
+    rows_per_chunk = n if chunk_rows is None else max(1, chunk_rows // shards)
+    if n <= rows_per_chunk:
+        return tuple(jnp.sum(x) for x in sums_fn(per_shard, *blocks))
+    n_chunks, rows = _chunking(n, rows_per_chunk)
     pad = n_chunks * rows - n
+    fills = (0, 0, IGNORE_INDEX, 0, 0)
 
     def split(x, fill):
         # Padding rows carry label -100 and weight 0, so they add exactly 0 to every sum.
+        if x is None:
+            return None
         if pad:
-            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-        # Chunk c holds rows c, c + n_chunks, c + 2 n_chunks, ...: interleaved rather than
-        # contiguous, so that when the rows are sharded over devices (batch axis) every chunk is
-        # spread over all devices and the scan keeps them all busy.
-        x = x.reshape((rows, n_chunks) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        x = x.reshape((shards, n_chunks, rows) + x.shape[2:])
+        return jnp.swapaxes(x, 0, 1)  # [chunks, S, rows, ...]: every chunk is spread over all devices
 
-    xs = (split(s_h, 0), None if t_h is None else split(t_h, 0), split(labels, IGNORE_INDEX),
-          split(ce_w, 0), split(mlm_w, 0))
-
+    xs = tuple(split(x, f) for x, f in zip(blocks, fills))
     # prevent_cse=False: inside scan the recomputation cannot be CSE'd away, and the flag would
     # only block useful optimisations (see jax.checkpoint docs).
-    def chunk_sums(s, t, lab, w, m):
-        return _block_sums(s, t, lab, w, m, student_head, teacher_head, temperature, with_mse)
-
-    chunk = jax.checkpoint(chunk_sums, prevent_cse=False)
+    chunk = jax.checkpoint(sums_fn, prevent_cse=False)
 
     def body(carry, x):
-        sums = chunk(*x)
+        sums = chunk(per_shard, *x)
         return tuple(c + s for c, s in zip(carry, sums)), None
 
     # float32 sums, or float64 ones when everything is float64 (gradient checks under x64).
     first = jax.tree.map(lambda x: x[0], xs)
-    init = tuple(jnp.zeros((), o.dtype) for o in jax.eval_shape(chunk, *first))
+    init = tuple(jnp.zeros(o.shape, o.dtype) for o in jax.eval_shape(chunk, per_shard, *first))
     sums, _ = jax.lax.scan(body, init, xs)
-    return sums
+    return tuple(jnp.sum(x) for x in sums)
 
 
-def _rows_constraint(x: jax.Array) -> jax.Array:
-    """Shard gathered rows [K, D] like the batch (logical "activation_batch").
-
-    Without it XLA replicates the gathered rows, so every data-parallel device would run the heads
-    on all K rows. A no-op outside ``nn.logical_axis_rules`` (single device, tests).
-    """
-    return nn.with_logical_constraint(x, ("activation_batch", "activation_embed"))
+def _as_head(head: Head | tuple) -> tuple[Callable, Any]:
+    """A student head as (fn(params, hidden) -> logits, params); a plain callable has no params of
+    its own (its captured arrays get their gradients through the closure)."""
+    if isinstance(head, tuple):
+        return head
+    return (lambda _, h: head(h)), {}
 
 
 def loss_sums(
     student_hidden: jax.Array,
     teacher_hidden: jax.Array | None,
-    student_head: Head,
+    student_head: Head | tuple,
     teacher_head: Head | None,
     labels: jax.Array,
     attention_mask: jax.Array,
     cfg: LossConfig,
     max_rows: int | None = None,
     weights: dict[str, jax.Array] | None = None,
+    cos_hidden: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Loss sums and row counts of one (micro-)batch, without materialising all logits at once.
 
     Args:
       student_hidden: [B, T, D] last hidden states of the student (any float dtype).
-      teacher_hidden: [B, T, D] of the teacher, or None for MLM-only training. Treated as a
+      teacher_hidden: [B, T, D_t] of the teacher, or None for MLM-only training. Treated as a
         constant (stop_gradient), as is everything computed from it.
-      student_head / teacher_head: hidden [N, D] -> logits [N, V], e.g.
-        ``lambda h: model.apply(v, h, method="mlm_logits")``; called on subsets of rows.
+      student_head: ``(fn, params)`` with ``fn(params, hidden [N, D]) -> logits [N, V]`` (e.g.
+        ``lambda p, h: model.apply({"params": p}, h, method="mlm_logits")``), or a plain callable
+        ``hidden -> logits``; called on subsets of rows. With ``(fn, params)`` under a mesh, the
+        gradient of ``params`` is reduced over the batch shards once, however many chunks.
+      teacher_head: hidden [N, D] -> logits [N, V].
       labels: [B, T] int, original token id at masked positions, -100 elsewhere.
       attention_mask: [B, T], 1 for real tokens, 0 for padding.
       cfg: LossConfig.
       max_rows: static upper bound on the number of masked positions (see ``max_masked_rows``).
         When given and only masked rows need logits (restrict_ce_to_mask, or no teacher), those
-        rows are gathered before the heads: logits are [max_rows, V] instead of [B*T, V]. Batches
-        with more masked positions than this stay exact (a ``lax.cond`` takes the all-rows path).
+        rows are gathered before the heads: logits are [max_rows, V] instead of [B*T, V]. Under a
+        mesh each batch shard gathers its own rows (``shard_rows_bound`` of them). Batches with
+        more masked positions than this stay exact (a ``lax.cond`` takes the all-rows path).
       weights: {"ce", "mlm", "cos"} [B, T] float32 row weights of each sum (``loss_weights``);
         default: 1 on each loss's rows (``normalize="batch"``).
+      cos_hidden: [B, T, D_t] what L_cos compares with the teacher's hidden states instead of
+        ``student_hidden`` (the student's, projected to the teacher's width: loss.cos_projection).
 
     Returns:
       dict of float32 scalars: sums "ce_sum" (T^2 * sum of KL), "mlm_sum", "cos_sum", "mse_sum"
       (0 unless alpha_mse > 0), "mlm_correct", and the counts of ``loss_counts``. Without a
       teacher, ce/cos/mse sums are 0.
     """
+    with jax.named_scope("loss"):  # labels the compiled ops (profiles)
+        return _loss_sums(student_hidden, teacher_hidden, student_head, teacher_head, labels, attention_mask,
+                          cfg, max_rows, weights, cos_hidden)
+
+
+def _loss_sums(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array | None,
+    student_head: Head | tuple,
+    teacher_head: Head | None,
+    labels: jax.Array,
+    attention_mask: jax.Array,
+    cfg: LossConfig,
+    max_rows: int | None = None,
+    weights: dict[str, jax.Array] | None = None,
+    cos_hidden: jax.Array | None = None,
+) -> dict[str, jax.Array]:
     if student_hidden.ndim != 3:
         raise UserError(f"loss_sums expects student hidden states [B, T, D], got shape {student_hidden.shape}")
-    if teacher_hidden is not None and teacher_hidden.shape != student_hidden.shape:
+    cos_in = student_hidden if cos_hidden is None else cos_hidden
+    with_cos = teacher_hidden is not None and teacher_hidden.shape == cos_in.shape
+    if teacher_hidden is not None and not with_cos and cfg.alpha_cos > 0:
         raise UserError(
-            f"teacher hidden states {teacher_hidden.shape} differ from the student's {student_hidden.shape}; "
-            "L_cos needs the same hidden size (use a student with the teacher's dim)")
+            f"teacher hidden states {teacher_hidden.shape} differ from the student's {cos_in.shape}; L_cos "
+            "needs the same width: use loss.cos_projection=linear, a student of the teacher's width, or alpha_cos=0")
     if (teacher_hidden is None) != (teacher_head is None):
         raise UserError("pass both teacher_hidden and teacher_head, or neither (MLM-only mode)")
     b, t, d = student_hidden.shape
     n = b * t
+    head = _as_head(student_head)
+    shards = batch_shards() if b % batch_shards() == 0 else 1
     labels, attention_mask = jnp.asarray(labels), jnp.asarray(attention_mask)
     out = loss_counts(labels, attention_mask, cfg)
     temp = float(cfg.temperature)
     with_mse = teacher_hidden is not None and cfg.alpha_mse > 0
 
+    # Row-major flattening keeps each shard's rows contiguous: [B, T] rows split over the batch
+    # shards give shard s the rows [s N/S, (s+1) N/S).
+    def blocked(x):
+        return None if x is None else _over_shards(x.reshape((shards, n // shards) + x.shape[1:]), shards)
+
     s_flat = student_hidden.reshape(n, d)
-    t_flat = None if teacher_hidden is None else jax.lax.stop_gradient(teacher_hidden).reshape(n, d)
+    t_flat = None if teacher_hidden is None else jax.lax.stop_gradient(teacher_hidden).reshape(n, -1)
     lab_flat = labels.reshape(n).astype(jnp.int32)
     masked = lab_flat != IGNORE_INDEX
     if weights is None:
@@ -491,39 +600,50 @@ def loss_sums(
     mlm_w = weights["mlm"].reshape(n).astype(jnp.float32)
     if t_flat is None:
         ce_w = jnp.zeros_like(ce_w)
+    row_blocks = tuple(blocked(x) for x in (lab_flat, ce_w, mlm_w))
 
     def all_rows(s_flat, t_flat, chunk_rows=cfg.chunk_rows):
-        return _row_sums(s_flat, t_flat, lab_flat, ce_w, mlm_w, student_head, teacher_head, temp, with_mse,
-                         chunk_rows)
+        return _blocked_sums((blocked(s_flat), blocked(t_flat), *row_blocks), head, teacher_head, temp,
+                             with_mse, chunk_rows, shards)
 
     only_masked = teacher_hidden is None or cfg.restrict_ce_to_mask
     if only_masked and max_rows is not None and max_rows < n:
-        k = int(max_rows)
+        k = shard_rows_bound(int(max_rows), n, shards)  # rows gathered per shard
+        shard_counts = jnp.sum(blocked(masked), axis=1)  # [S] masked rows of each shard
 
         def gathered(s_flat, t_flat):
-            idx = jnp.nonzero(masked, size=k, fill_value=0)[0]  # [K] row indices, in order
-            valid = jnp.arange(k) < out["mlm_rows"]  # unused slots: label -100, weight 0
-            lab_k = jnp.where(valid, lab_flat[idx], IGNORE_INDEX)
-            w_k = jnp.where(valid, ce_w[idx], 0.0)
-            m_k = jnp.where(valid, mlm_w[idx], 0.0)
-            s_k = _rows_constraint(s_flat[idx])
-            t_k = None if t_flat is None else _rows_constraint(t_flat[idx])
-            return _row_sums(s_k, t_k, lab_k, w_k, m_k, student_head, teacher_head, temp, with_mse,
-                             cfg.chunk_rows)
+            # Each shard gathers its own masked rows (a local gather: no rows cross devices), in
+            # order, into k slots; unused slots get label -100 and weight 0.
+            idx = jax.vmap(lambda m: jnp.nonzero(m, size=k, fill_value=0)[0])(blocked(masked))  # [S, k]
+            valid = jnp.arange(k)[None, :] < shard_counts[:, None]
+
+            def take(x):
+                if x is None:
+                    return None
+                xb = blocked(x)
+                return _over_shards(jnp.take_along_axis(xb, idx.reshape(idx.shape + (1,) * (xb.ndim - 2)), axis=1),
+                                    shards)
+
+            s_k, t_k, lab_k, w_k, m_k = (take(x) for x in (s_flat, t_flat, lab_flat, ce_w, mlm_w))
+            lab_k = jnp.where(valid, lab_k, IGNORE_INDEX)
+            w_k, m_k = jnp.where(valid, w_k, 0.0), jnp.where(valid, m_k, 0.0)
+            return _blocked_sums((s_k, t_k, lab_k, w_k, m_k), head, teacher_head, temp, with_mse, cfg.chunk_rows,
+                                 shards)
 
         def fallback(s_flat, t_flat):
             # Rare (more masked rows than max_rows): all rows, in chunks no larger than the
             # gathered block, so this branch never raises the step's peak memory.
-            return all_rows(s_flat, t_flat, min(cfg.chunk_rows or k, k))
+            return all_rows(s_flat, t_flat, min(cfg.chunk_rows or k * shards, k * shards))
 
-        ce, mlm, mse, correct = jax.lax.cond(out["mlm_rows"] <= k, gathered, fallback, s_flat, t_flat)
+        fits = jnp.all(shard_counts <= k)
+        ce, mlm, mse, correct = jax.lax.cond(fits, gathered, fallback, s_flat, t_flat)
     else:
         ce, mlm, mse, correct = all_rows(s_flat, t_flat)
 
     zero = jnp.zeros((), jnp.float32)
     out.update(ce_sum=ce * temp**2, mlm_sum=mlm, mse_sum=mse, mlm_correct=correct, cos_sum=zero)
-    if teacher_hidden is not None:
-        cos = one_minus_cos_per_row(student_hidden, jax.lax.stop_gradient(teacher_hidden))
+    if with_cos:  # (widths that differ with alpha_cos = 0: no L_cos to compute)
+        cos = one_minus_cos_per_row(cos_in, jax.lax.stop_gradient(teacher_hidden))
         out["cos_sum"] = jnp.sum(cos * weights["cos"])
     return out
 
@@ -542,7 +662,7 @@ def combine_losses(
 
     l_ce, l_mlm = mean("ce_sum", "ce_rows"), mean("mlm_sum", "mlm_rows")
     l_cos, l_mse = mean("cos_sum", "cos_rows"), mean("mse_sum", "ce_rows")
-    total = cfg.alpha_ce * l_ce + cfg.alpha_mlm * l_mlm + cfg.alpha_cos * l_cos
+    total = cfg.alpha_ce * l_ce + (cfg.alpha_mlm + cfg.alpha_clm) * l_mlm + cfg.alpha_cos * l_cos
     if cfg.alpha_mse > 0:
         total = total + cfg.alpha_mse * l_mse
     metrics = {
@@ -553,4 +673,6 @@ def combine_losses(
         "loss_mse": l_mse,
         "mlm_accuracy": mean("mlm_correct", "masked" if "masked" in counts else "mlm_rows"),
     }
+    if cfg.alpha_clm > 0:  # a causal LM: the LM cross-entropy is L_clm (and the accuracy next-token)
+        metrics["loss_clm"], metrics["loss_mlm"] = l_mlm, jnp.zeros_like(l_mlm)
     return total, metrics

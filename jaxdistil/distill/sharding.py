@@ -65,12 +65,14 @@ RULES: Rules = (
     # FSDP splits the model width, present in every matrix (and in the biases of out_lin/lin2).
     ("embed", "fsdp"),
     # Small or awkward dims stay whole: per-head width, positions, token types, the MLM transform's
-    # output, the labels of a classifier, LayerNorm vectors, and the stacked-layers axis (scanned over).
+    # output, the labels of a classifier, the teacher's width in L_cos's projection, LayerNorm
+    # vectors, and the stacked-layers axis (scanned over).
     ("kv", None),
     ("position", None),
     ("token_type", None),
     ("transform", None),
     ("labels", None),
+    ("teacher_embed", None),  # the teacher's width in L_cos's projection (loss.cos_projection)
     ("norm", None),
     ("layers", None),
 )

@@ -43,7 +43,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdistil.data.masking import MaskingConfig, mask_tokens
+from jaxdistil.data.masking import MaskingConfig, causal_labels, mask_tokens
 from jaxdistil.distill import sharding as shd
 from jaxdistil.distill.losses import (
     SUM_KEYS, LossConfig, combine_losses, loss_sums, loss_weights, max_masked_rows)
@@ -54,6 +54,16 @@ from jaxdistil.models import COMPUTE_DTYPES, build_model
 PyTree = Any
 # Keys of a batch that are [B, T] arrays the models read (loader's packed batches add the last two).
 MODEL_INPUTS = ("attention_mask", "segment_ids", "position_ids")
+# The params key of L_cos's learned projection (loss.cos_projection=linear), beside the model's own
+# params in TrainState.params: trained with the student, left out of exported models.
+COS_PROJECTION = "cos_projection"
+
+
+def split_params(params: PyTree) -> tuple[PyTree, PyTree | None]:
+    """(the model's params, the L_cos projection's {kernel, bias} or None)."""
+    if isinstance(params, Mapping) and COS_PROJECTION in params:
+        return {k: v for k, v in params.items() if k != COS_PROJECTION}, params[COS_PROJECTION]
+    return params, None
 
 
 @struct.dataclass
@@ -79,6 +89,10 @@ class StepConfig:
     group_rows: with loss.normalize="group", rows [i g, (i+1) g) of a batch are masked and averaged
       as one group (the reference's per-GPU micro-batch); unused with normalize="batch".
     frozen: ``/``-joined paths of student parameters that get no update (``optim.frozen_param_paths``).
+    causal: causal-LM training (GPT-2): no masking, next-token labels (``causal_labels``), and the
+      LM loss is L_clm (``loss.alpha_clm``).
+    projection: (student width, teacher width) of L_cos's learned projection (loss.cos_projection
+      = linear), or None.
     """
 
     loss: LossConfig = LossConfig()
@@ -89,8 +103,16 @@ class StepConfig:
     remat: bool = False
     group_rows: int = 0
     frozen: tuple[str, ...] = ()
+    causal: bool = False
+    projection: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.causal and self.loss.alpha_mlm > 0:
+            raise UserError("loss.alpha_mlm > 0 with a causal LM (GPT-2): it has no masked-LM loss; "
+                            "set loss.alpha_mlm=0 and loss.alpha_clm (the reference uses 2.0)")
+        if not self.causal and self.loss.alpha_clm > 0:
+            raise UserError("loss.alpha_clm > 0 with a masked LM: L_clm is for causal LMs (GPT-2); "
+                            "set loss.alpha_clm=0 and use loss.alpha_mlm")
         if self.dtype not in COMPUTE_DTYPES:
             raise UserError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
         if self.loss.normalize == "group" and self.group_rows < 1:
@@ -125,9 +147,14 @@ def _check_models(student: nn.Module, teacher: nn.Module | None, cfg: StepConfig
     if teacher.cfg.vocab_size != student.cfg.vocab_size:
         raise UserError(f"teacher vocab {teacher.cfg.vocab_size} != student vocab {student.cfg.vocab_size}; "
                         "both models must share the tokenizer")
-    if cfg.loss.alpha_cos and teacher.cfg.hidden != student.cfg.hidden:
-        raise UserError(f"teacher hidden {teacher.cfg.hidden} != student hidden {student.cfg.hidden}; L_cos "
-                        "needs equal widths (set alpha_cos=0 or use a student of the teacher's width)")
+    if teacher.cfg.causal != student.cfg.causal:
+        kinds = {True: "causal", False: "masked"}
+        raise UserError(f"the teacher ({teacher.cfg.model_type}) is a {kinds[teacher.cfg.causal]} LM but the student "
+                        f"({student.cfg.model_type}) a {kinds[student.cfg.causal]} one; distil like into like")
+    if cfg.loss.alpha_cos and teacher.cfg.hidden != student.cfg.hidden and cfg.projection is None:
+        raise UserError(f"teacher hidden size {teacher.cfg.hidden} != student hidden size {student.cfg.hidden}: "
+                        "L_cos needs equal widths; set loss.cos_projection=linear (a learned projection), "
+                        "loss.alpha_cos=0, or use a student of the teacher's width")
 
 
 def _model_kwargs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -155,11 +182,14 @@ def mask_batch(
     loss.normalize="batch": one masking over the batch (n = ceil(p * its real tokens)).
     loss.normalize="group": every group of ``group_rows`` rows masked on its own (n per group), as
       the reference masks each micro-batch.
+    causal: no masking; labels are the next tokens (``causal_labels``).
     Returns (inputs {input_ids (masked), labels, w_ce, w_mlm, w_cos, attention_mask[, ...]} [B, T],
     counts: the denominators of ``combine_losses``, see ``losses.loss_weights``).
     """
     ids, attention = batch["input_ids"], batch["attention_mask"]
-    if cfg.loss.normalize == "group":
+    if cfg.causal:  # GPT-2: the input as it is, every next token a label
+        masked_ids, labels = ids, causal_labels(ids, attention, batch.get("segment_ids"))
+    elif cfg.loss.normalize == "group":
         b, t = ids.shape
         g = cfg.group_rows
         if b % g:
@@ -195,6 +225,7 @@ def micro_batch_sums(
     gathered masked rows only.
     """
     kwargs = _model_kwargs(mb)
+    params, projection = split_params(params)
     teacher_hidden = teacher_head = None
     if teacher_model is not None:
         t_vars = {"params": teacher_params}
@@ -207,10 +238,17 @@ def micro_batch_sums(
     student_hidden = student_model.apply(
         s_vars, mb["input_ids"], deterministic=False, rngs={"dropout": dropout_key}, method="encode", **kwargs
     ).last_hidden_state
-    student_head = lambda h: student_model.apply(s_vars, h, method="mlm_logits")  # noqa: E731
+    # (fn, params): the loss runs the head on per-shard copies of the params, so that their gradient
+    # is reduced once per micro-batch, not once per chunk of rows (jaxdistil.distill.losses).
+    student_head = (lambda p, h: student_model.apply({"params": p}, h, method="mlm_logits"), params)
     weights = {k: mb[f"w_{k}"] for k in ("ce", "mlm", "cos")}
+    cos_hidden = None
+    if projection is not None and teacher_hidden is not None:
+        # L_cos on the student's hidden states mapped to the teacher's width (float32, like the loss).
+        cos_hidden = (student_hidden.astype(jnp.float32) @ projection["kernel"].astype(jnp.float32)
+                      + projection["bias"].astype(jnp.float32))
     sums = loss_sums(student_hidden, teacher_hidden, student_head, teacher_head, mb["labels"],
-                     mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights)
+                     mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights, cos_hidden=cos_hidden)
     return {key: sums[key] for key in SUM_KEYS}
 
 
@@ -243,6 +281,8 @@ def accumulate_grads(
     max_rows = max_masked_rows(batch // k, length, cfg.masking.mlm_mask_prop, masked_batch=batch)
     if cfg.loss.normalize == "group":
         max_rows = min(batch // k * length, max_rows + batch // cfg.group_rows)
+    if cfg.causal:
+        max_rows = None  # every real token but the last of each row is labelled: nothing to gather
 
     def loss_fn(p, mb, dkey):
         sums = micro_batch_sums(student_model, teacher_model, cfg, p, teacher_params, mb, dkey, max_rows)
@@ -307,12 +347,15 @@ def make_train_step(
         shd.check_batch(batch["input_ids"].shape[0], mesh, cfg.grad_accum_steps)
         with shd.activation_rules(mesh, rules):
             mask_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-            inputs, counts = mask_batch(batch, token_weights, mask_key, cfg, vocab)
+            # Named scopes label the compiled ops (profiles, benchmarks/trace_summary.py).
+            with jax.named_scope("masking"):
+                inputs, counts = mask_batch(batch, token_weights, mask_key, cfg, vocab)
             grads, sums = accumulate_grads(student_model, teacher_model, cfg, state.params, teacher_params,
                                            inputs, counts, dropout_key, mesh, state_shardings.params)
             _, metrics = combine_losses(sums, counts, cfg.loss)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            with jax.named_scope("optimizer"):
+                updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+                params = optax.apply_updates(state.params, updates)
             metrics.update(
                 grad_norm=trainable_global_norm(grads, frozen),
                 param_norm=optax.tree.norm(params).astype(jnp.float32),
@@ -337,43 +380,68 @@ def make_eval_step(
     mesh: Mesh,
     rules: shd.Rules,
     param_shardings: PyTree,
+    baseline_id: int | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``eval_step(params, batch, token_weights, rng) -> sums`` (no dropout, no update).
 
     The batch is masked with ``rng`` (pass the same key every evaluation so scores are comparable).
     Returns float32 scalar sums that add up over batches: "mlm_sum", "mlm_rows", "mlm_correct",
-    "tokens"; loss = mlm_sum / mlm_rows, accuracy = mlm_correct / mlm_rows.
+    "tokens"; loss = mlm_sum / mlm_rows, accuracy = mlm_correct / mlm_rows. With ``baseline_id``
+    (e.g. the most frequent token), also "baseline_correct": masked positions whose label it is.
     """
     vocab = model.cfg.vocab_size
     mlm_only = dataclasses.replace(cfg.loss, alpha_ce=0.0, alpha_cos=0.0, alpha_mse=0.0)
 
     def eval_step(params, batch, token_weights, rng):
         with shd.activation_rules(mesh, rules):
-            masked_ids, labels = mask_tokens(rng, batch["input_ids"], batch["attention_mask"],
-                                             token_weights, cfg.mask_id, vocab, cfg.masking)
-            v = {"params": params}
+            if cfg.causal:  # next-token prediction on the text as it is
+                masked_ids = batch["input_ids"]
+                labels = causal_labels(masked_ids, batch["attention_mask"], batch.get("segment_ids"))
+            else:
+                masked_ids, labels = mask_tokens(rng, batch["input_ids"], batch["attention_mask"],
+                                                 token_weights, cfg.mask_id, vocab, cfg.masking)
+            v = {"params": split_params(params)[0]}
             hidden = model.apply(v, masked_ids, deterministic=True, method="encode",
                                  **_model_kwargs(batch)).last_hidden_state
             head = lambda h: model.apply(v, h, method="mlm_logits")  # noqa: E731
-            max_rows = max_masked_rows(masked_ids.shape[0], masked_ids.shape[1], cfg.masking.mlm_mask_prop)
+            max_rows = None if cfg.causal else max_masked_rows(masked_ids.shape[0], masked_ids.shape[1],
+                                                               cfg.masking.mlm_mask_prop)
             sums = loss_sums(hidden, None, head, None, labels, batch["attention_mask"], mlm_only,
                              max_rows=max_rows)
-            return {"mlm_sum": sums["mlm_sum"], "mlm_rows": sums["mlm_rows"],
-                    "mlm_correct": sums["mlm_correct"], "tokens": sums["cos_rows"]}
+            out = {"mlm_sum": sums["mlm_sum"], "mlm_rows": sums["mlm_rows"],
+                   "mlm_correct": sums["mlm_correct"], "tokens": sums["cos_rows"]}
+            if baseline_id is not None:
+                out["baseline_correct"] = jnp.sum(labels == baseline_id, dtype=jnp.float32)
+            return out
 
     repl = shd.replicated(mesh)
     return jax.jit(eval_step, in_shardings=(param_shardings, shd.batch_sharding(mesh), repl, repl),
                    out_shardings=repl)
 
 
+def projection_params(key: jax.Array, widths: tuple[int, int], std: float, boxed: bool = True) -> PyTree:
+    """L_cos's projection {kernel [D_s, D_t] ~ N(0, std), bias [D_t] zeros}, boxed with logical axes
+    ("embed", "teacher_embed") like the models' params."""
+    d_s, d_t = widths
+    kernel = std * jax.random.normal(key, (d_s, d_t), jnp.float32)
+    bias = jnp.zeros((d_t,), jnp.float32)
+    if not boxed:
+        return {"kernel": kernel, "bias": bias}
+    return {"kernel": nn.Partitioned(kernel, names=("embed", "teacher_embed")),
+            "bias": nn.Partitioned(bias, names=("teacher_embed",))}
+
+
 def _boxed_state_fn(model: nn.Module, optimizer: optax.GradientTransformation,
-                    sample_shape: tuple[int, int] = (1, 8)):
+                    sample_shape: tuple[int, int] = (1, 8), projection: tuple[int, int] | None = None):
     """rng -> TrainState whose params and AdamW moments keep their logical-axis boxes."""
     ids = jnp.zeros(sample_shape, jnp.int32)
 
     def boxed_state(rng):
         init_key, state_key = jax.random.split(rng)
         boxed = model.init(init_key, ids)["params"]
+        if projection is not None:
+            boxed = {**boxed, COS_PROJECTION: projection_params(
+                jax.random.fold_in(init_key, 1), projection, model.cfg.initializer_range)}
         return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=optimizer.init(boxed),
                           rng=state_key)
 
@@ -386,13 +454,15 @@ def abstract_train_state(
     mesh: Mesh,
     rules: shd.Rules = shd.RULES,
     strict: bool = False,
+    projection: tuple[int, int] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """(abstract TrainState, TrainState of NamedShardings), nothing allocated.
 
     ``jax.eval_shape`` of the boxed init: the shardings come from the logical axis names (params and
     AdamW moments carry them), the abstract arrays carry the shardings (restore targets).
+    projection: (D_s, D_t) adds L_cos's projection to the params (``COS_PROJECTION``).
     """
-    boxed = jax.eval_shape(_boxed_state_fn(model, optimizer), jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(_boxed_state_fn(model, optimizer, projection=projection), jax.random.PRNGKey(0))
     shardings = shd.logical_shardings(boxed, mesh, rules, strict)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
                             shardings)
@@ -408,6 +478,7 @@ def init_train_state(
     sample_shape: tuple[int, int] = (1, 8),
     params: PyTree | None = None,
     strict: bool = False,
+    projection: tuple[int, int] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """A TrainState born sharded, and its shardings (a TrainState of NamedShardings).
 
@@ -415,11 +486,16 @@ def init_train_state(
     sample_shape: [B, T] of the dummy input that init traces (any small shape works).
     params: optional initial params (unboxed, e.g. a student extracted from the teacher); they are
       placed by the rules instead of being drawn at random; the optimizer state is still born sharded.
+    projection: (D_s, D_t) of L_cos's projection, drawn from ``rng`` when ``params`` lack it.
     The shardings come from ``jax.eval_shape`` of the boxed init (params and AdamW moments carry the
     logical axis names), then ``jax.jit(init, out_shardings=...)`` creates every array in place.
     """
-    boxed_state = _boxed_state_fn(model, optimizer, sample_shape)
+    boxed_state = _boxed_state_fn(model, optimizer, sample_shape, projection)
     shardings = shd.logical_shardings(jax.eval_shape(boxed_state, rng), mesh, rules, strict)
+    if params is not None and projection is not None and COS_PROJECTION not in params:
+        init_key = jax.random.split(rng)[0]
+        params = {**params, COS_PROJECTION: projection_params(
+            jax.random.fold_in(init_key, 1), projection, model.cfg.initializer_range, boxed=False)}
 
     if params is None:
         def init(rng):

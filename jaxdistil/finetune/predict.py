@@ -33,7 +33,7 @@ def predict(loaded: LoadedModel, texts: Sequence[str | tuple[str, str]]) -> list
     out = []
     for text in texts:
         pair = (text,) if isinstance(text, str) else tuple(text)
-        enc = tokenizer(*pair, truncation=True, max_length=loaded.config.max_position_embeddings,
+        enc = tokenizer(*pair, truncation=True, max_length=loaded.config.max_tokens,
                         return_token_type_ids=types, return_tensors="np")
         with jax.default_matmul_precision("highest"):  # fp32 as PyTorch (GPUs default to TF32)
             logits = np.asarray(model.apply(

@@ -38,8 +38,8 @@ from jaxdistil.finetune.step import build_classifier_step
 from jaxdistil.finetune.tasks import Task, load_task
 from jaxdistil.hf.files import copy_tokenizer_files
 from jaxdistil.metrics import MetricsWriter, TrainLog, measure_peak_flops
-from jaxdistil.models import BertConfig, save_config
-from jaxdistil.models.classification import ClassifierHead, build_classifier, fresh_head
+from jaxdistil.models import BertConfig, ConfigError, save_config
+from jaxdistil.models.classification import ClassifierHead, build_classifier, family_of, fresh_head
 from jaxdistil.models.flops import forward_flops_per_token
 from jaxdistil.stopping import StopSignal
 
@@ -116,11 +116,15 @@ def finetune(cfg: FinetuneConfig, log=print, force_unlock: bool = False) -> Fine
     say = log if distributed.is_main_process() else (lambda *a, **k: None)
     task = load_task(cfg.task)
     loaded = students.load_model_arg(cfg.model)
+    try:
+        family_of(loaded.config)
+    except ConfigError as err:
+        raise UserError(f"{cfg.model}: {err}") from None
     if loaded.tokenizer_dir is None:
         raise UserError(f"{cfg.model} has no tokenizer files; fine-tuning tokenizes the task with the model's "
                         "tokenizer: copy tokenizer.json / vocab.txt next to its config.json")
     tokenizer = AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
-    max_len = min(cfg.train.max_len, loaded.config.max_position_embeddings)
+    max_len = min(cfg.train.max_len, loaded.config.max_tokens)
     types = isinstance(loaded.config, BertConfig)
     train_arrays = encode(tokenizer, task.train, max_len, types)
     eval_arrays = {name: encode(tokenizer, ex, max_len, types) for name, ex in task.validation.items()}

@@ -33,7 +33,8 @@ from jaxdistil.models.configs import ConfigError, ModelConfig, config_from_hf_di
 # classifier's head is read into LoadedModel.classifier).
 CLASSIFIERS = ("BertForSequenceClassification", "DistilBertForSequenceClassification")
 SUPPORTED_ARCHITECTURES = ("BertForMaskedLM", "BertModel", "BertForPreTraining",
-                           "DistilBertForMaskedLM", "DistilBertModel", *CLASSIFIERS)
+                           "DistilBertForMaskedLM", "DistilBertModel", "RobertaForMaskedLM", "RobertaModel",
+                           "GPT2LMHeadModel", "GPT2Model", *CLASSIFIERS)
 PARAMS_DIR = "params"
 # Key in a Flax model directory's config.json for what is not part of the HF config.
 META_KEY = "jaxdistil"

@@ -5,14 +5,18 @@ the Flax path, the Hugging Face name (without the ``bert.`` / ``distilbert.`` ba
 ``{i}`` is the layer index), how the tensor is reshaped, and its Hugging Face shape in symbols.
 
 Reshapes (PyTorch ``nn.Linear`` stores ``weight`` as [out, in]; a Flax kernel is [in, out]):
-  COPY       embeddings, LayerNorm weight/bias, plain biases: same array.
+  COPY       embeddings, LayerNorm weight/bias, plain biases, GPT-2's ``Conv1D`` weights ([in, out]
+             already): same array.
   LINEAR     [out, in] -> kernel [in, out].
   HEADS_IN   q/k/v weight [N*H, D] -> kernel [D, N, H] (Flax DenseGeneral with per-head output).
   HEADS_BIAS q/k/v bias [N*H] -> [N, H].
   HEADS_OUT  out_lin weight [D, N*H] -> kernel [N, H, D].
+  CONV_HEADS_OUT  GPT-2's attn.c_proj ``Conv1D`` weight [N*H, D] -> kernel [N, H, D].
+  QKV_IN0..2, QKV_BIAS0..2  GPT-2's fused c_attn [D, 3D] / [3D]: the q, k or v third -> [D, N, H] /
+             [N, H]; three rows share the HF name and export concatenates them back.
 Per-layer rows are stacked on a leading ``layers`` axis (the encoder runs under ``nn.scan``).
 
-Symbols: V vocab, P positions, T token types, D hidden, F feed-forward width, L layers.
+Symbols: V vocab, P positions, T token types, D hidden, E = 3 D, F feed-forward width, L layers.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from jaxdistil.errors import UserError
-from jaxdistil.models.configs import BertConfig, ModelConfig
+from jaxdistil.models.configs import BertConfig, DistilBertConfig, GPT2Config, ModelConfig, RobertaConfig
 
 COPY, LINEAR, HEADS_IN, HEADS_BIAS, HEADS_OUT = "copy", "linear", "heads_in", "heads_bias", "heads_out"
+CONV_HEADS_OUT, QKV_IN, QKV_BIAS = "conv_heads_out", "qkv_in", "qkv_bias"
 
 # (flax path, HF name, reshape, HF shape) -- model-level tensors (the encoder's, under the base prefix).
 _BERT_EMBEDDINGS = [
@@ -93,6 +98,39 @@ _DISTILBERT_HEAD = [
 ]
 
 
+# RoBERTa: BERT's encoder names under "roberta."; the head is lm_head.{dense,layer_norm,bias}.
+_ROBERTA_HEAD = [
+    ("mlm_head/transform/kernel", "lm_head.dense.weight", LINEAR, "DD"),
+    ("mlm_head/transform/bias", "lm_head.dense.bias", COPY, "D"),
+    ("mlm_head/transform_norm/scale", "lm_head.layer_norm.weight", COPY, "D"),
+    ("mlm_head/transform_norm/bias", "lm_head.layer_norm.bias", COPY, "D"),
+    ("mlm_head/bias", "lm_head.bias", COPY, "V"),
+]
+
+# GPT-2 (under "transformer."): no embedding LayerNorm, Conv1D weights stored [in, out], fused c_attn.
+_GPT2_EMBEDDINGS = [
+    ("embeddings/word_embeddings/embedding", "wte.weight", COPY, "VD"),
+    ("embeddings/position_embeddings/embedding", "wpe.weight", COPY, "PD"),
+]
+_GPT2_LAYER = [
+    ("sa_layer_norm/scale", "ln_1.weight", COPY, "D"),
+    ("sa_layer_norm/bias", "ln_1.bias", COPY, "D"),
+    *[(f"{n}_lin/kernel", "attn.c_attn.weight", f"{QKV_IN}{i}", "DE") for i, n in enumerate("qkv")],
+    *[(f"{n}_lin/bias", "attn.c_attn.bias", f"{QKV_BIAS}{i}", "E") for i, n in enumerate("qkv")],
+    ("out_lin/kernel", "attn.c_proj.weight", CONV_HEADS_OUT, "DD"),
+    ("out_lin/bias", "attn.c_proj.bias", COPY, "D"),
+    ("output_layer_norm/scale", "ln_2.weight", COPY, "D"),
+    ("output_layer_norm/bias", "ln_2.bias", COPY, "D"),
+    ("lin1/kernel", "mlp.c_fc.weight", COPY, "DF"),
+    ("lin1/bias", "mlp.c_fc.bias", COPY, "F"),
+    ("lin2/kernel", "mlp.c_proj.weight", COPY, "FD"),
+    ("lin2/bias", "mlp.c_proj.bias", COPY, "D"),
+]
+_GPT2_FINAL = [
+    ("encoder/final_layer_norm/scale", "ln_f.weight", COPY, "D"),
+    ("encoder/final_layer_norm/bias", "ln_f.bias", COPY, "D"),
+]
+
 # Sequence-classification heads: (flax path, HF name, reshape, HF shape, under the base prefix?).
 # BERT's pooler belongs to BertModel (``bert.pooler.dense``); the classifier layers are top-level.
 _CLASSIFIER_HEADS = {
@@ -114,13 +152,21 @@ _CLASSIFIER_HEADS = {
 class _Family:
     """Names of one model family: base prefix, encoder layer stem, tied and ignorable tensors."""
 
-    def __init__(self, prefix, layer_stem, embeddings, layer, head, tied, tied_bias, ignorable):
-        self.prefix = prefix  # "bert." / "distilbert."
-        self.layer_stem = layer_stem  # "encoder.layer" / "transformer.layer"
+    def __init__(self, prefix, layer_stem, embeddings, layer, head, tied, tied_bias, ignorable,
+                 final=(), kind=""):
+        self.prefix = prefix  # "bert." / "distilbert." / "roberta." / "transformer."
+        self.layer_stem = layer_stem  # "encoder.layer" / "transformer.layer" / "h"
         self.embeddings, self.layer, self.head = embeddings, layer, head
+        self.final = list(final)  # model-level rows after the layers (GPT-2's ln_f)
         self.tied = tied  # decoder weight = word embeddings, left out of exports
-        self.tied_bias = tied_bias  # BERT's decoder.bias is cls.predictions.bias
-        self.ignorable = ignorable  # regexes of tensors the MLM model does not use
+        self.tied_bias = tied_bias  # a second name of the head's output bias (BERT, RoBERTa)
+        self.ignorable = ignorable  # regexes of tensors the LM does not use
+        self.kind = kind  # the architectures, for messages
+
+    @property
+    def bias_name(self) -> str | None:
+        """HF name of the head's output bias (what ``tied_bias`` must equal)."""
+        return next((name for path, name, *_ in self.head if path == "mlm_head/bias"), None)
 
 
 _FAMILIES = {
@@ -133,17 +179,33 @@ _FAMILIES = {
             r"pooler\.dense\.(weight|bias)",  # BertModel's pooler: not part of the MLM model
             r"cls\.seq_relationship\.(weight|bias)",  # BertForPreTraining's next-sentence head
         ],
+        kind="BertForMaskedLM/BertModel",
     ),
     "distilbert": _Family(
         "distilbert.", "transformer.layer", _DISTILBERT_EMBEDDINGS, _DISTILBERT_LAYER, _DISTILBERT_HEAD,
         tied="vocab_projector.weight", tied_bias=None,
         ignorable=[r"embeddings\.position_ids"],
+        kind="DistilBertForMaskedLM/DistilBertModel",
+    ),
+    "roberta": _Family(
+        "roberta.", "encoder.layer", _BERT_EMBEDDINGS, _BERT_LAYER, _ROBERTA_HEAD,
+        tied="lm_head.decoder.weight", tied_bias="lm_head.decoder.bias",
+        ignorable=[r"embeddings\.position_ids", r"embeddings\.token_type_ids", r"pooler\.dense\.(weight|bias)"],
+        kind="RobertaForMaskedLM/RobertaModel",
+    ),
+    "gpt2": _Family(
+        "transformer.", "h", _GPT2_EMBEDDINGS, _GPT2_LAYER, [], final=_GPT2_FINAL,
+        tied="lm_head.weight", tied_bias=None,
+        ignorable=[r"h\.\d+\.attn\.(masked_)?bias"],  # the causal-mask buffers old checkpoints saved
+        kind="GPT2LMHeadModel/GPT2Model",
     ),
 }
 
+_FAMILY_OF = {BertConfig: "bert", DistilBertConfig: "distilbert", RobertaConfig: "roberta", GPT2Config: "gpt2"}
+
 
 def family_name(cfg: ModelConfig) -> str:
-    return "bert" if isinstance(cfg, BertConfig) else "distilbert"
+    return _FAMILY_OF[type(cfg)]
 
 
 def family(cfg: ModelConfig) -> _Family:
@@ -153,7 +215,7 @@ def family(cfg: ModelConfig) -> _Family:
 def _dims(cfg: ModelConfig) -> dict[str, int]:
     return {
         "V": cfg.vocab_size, "P": cfg.max_position_embeddings, "T": cfg.token_types,
-        "D": cfg.hidden, "F": cfg.mlp,
+        "D": cfg.hidden, "E": 3 * cfg.hidden, "F": cfg.mlp,
     }
 
 
@@ -166,6 +228,7 @@ def _table(cfg: ModelConfig, with_head: bool) -> list[tuple[str, str, str, tuple
         for path, suffix, kind, shape in fam.layer:
             rows.append((f"encoder/layers/{path}", f"{fam.layer_stem}.{i}.{suffix}", kind,
                          tuple(dims[s] for s in shape), i))
+    rows += [(path, name, kind, tuple(dims[s] for s in shape), None) for path, name, kind, shape in fam.final]
     if with_head:
         rows += [(path, name, kind, tuple(dims[s] for s in shape), None)
                  for path, name, kind, shape in fam.head]
@@ -181,7 +244,16 @@ def head_names(cfg: ModelConfig) -> list[str]:
 # Reshapes.  N heads, H = D // N per-head width.
 
 
+def _part(kind: str) -> tuple[str, int | None]:
+    """"qkv_in1" -> ("qkv_in", 1); other kinds -> (kind, None)."""
+    for base in (QKV_IN, QKV_BIAS):
+        if kind.startswith(base) and kind != base:
+            return base, int(kind[len(base):])
+    return kind, None
+
+
 def _to_flax(x: np.ndarray, kind: str, heads: int) -> np.ndarray:
+    kind, part = _part(kind)
     if kind == COPY:
         return x
     if kind == LINEAR:
@@ -192,10 +264,20 @@ def _to_flax(x: np.ndarray, kind: str, heads: int) -> np.ndarray:
         return x.reshape(heads, -1)
     if kind == HEADS_OUT:  # [D, N*H] -> [N*H, D] -> [N, H, D]
         return x.T.reshape(heads, -1, x.shape[0])
+    if kind == CONV_HEADS_OUT:  # [N*H, D] -> [N, H, D]
+        return x.reshape(heads, -1, x.shape[1])
+    if kind == QKV_IN:  # [D, 3D] -> third `part` [D, D] -> [D, N, H]
+        width = x.shape[1] // 3
+        return x[:, part * width:(part + 1) * width].reshape(x.shape[0], heads, -1)
+    if kind == QKV_BIAS:  # [3D] -> [D] -> [N, H]
+        width = x.shape[0] // 3
+        return x[part * width:(part + 1) * width].reshape(heads, -1)
     raise AssertionError(kind)
 
 
 def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
+    """Flax -> HF layout; for a fused-QKV part, that part's [D, D] / [D] slice (see ``_fuse``)."""
+    kind, _ = _part(kind)
     if kind == COPY:
         return x
     if kind == LINEAR:
@@ -206,6 +288,12 @@ def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
         return x.reshape(-1)
     if kind == HEADS_OUT:  # [N, H, D] -> [D, N*H]
         return x.reshape(-1, x.shape[-1]).T
+    if kind == CONV_HEADS_OUT:  # [N, H, D] -> [N*H, D]
+        return x.reshape(-1, x.shape[-1])
+    if kind == QKV_IN:  # [D, N, H] -> [D, N*H]
+        return x.reshape(x.shape[0], -1)
+    if kind == QKV_BIAS:  # [N, H] -> [N*H]
+        return x.reshape(-1)
     raise AssertionError(kind)
 
 
@@ -277,7 +365,7 @@ def hf_to_flax(
     state = normalize_names(state, cfg)
     heads = cfg.heads
     present_head = [n for n in head_names(cfg) if n in state]
-    has_head = bool(present_head)
+    has_head = bool(present_head) or not fam.head  # GPT-2's head is the tied projection alone
     rows = _table(cfg, with_head=has_head)
     known = {name for _, name, _, _, _ in rows}
 
@@ -303,25 +391,23 @@ def hf_to_flax(
     if mismatched:
         problems.append(_listing("wrong shape", mismatched))
     if problems:
-        kind = ("BertForMaskedLM/BertModel" if fam.prefix == "bert."
-                else "DistilBertForMaskedLM/DistilBertModel")
-        raise UserError(f"{source}: tensors do not match a {kind} with this config.json: "
+        raise UserError(f"{source}: tensors do not match a {fam.kind} with this config.json: "
                         + "; ".join(problems) + "; check that config.json belongs to these weights")
 
     # A decoder weight stored explicitly must be the word embeddings: the Flax head is always tied.
-    word = state["embeddings.word_embeddings.weight"]
+    word = state[fam.embeddings[0][1]]  # the word embeddings
     if fam.tied in state and not np.array_equal(np.asarray(state[fam.tied]), np.asarray(word)):
         raise UserError(f"{source}: {fam.tied} differs from the word embeddings (untied output layer), "
                         "which jaxdistil does not support; use a checkpoint with tie_word_embeddings=true")
     if fam.tied_bias and fam.tied_bias in state and has_head and not np.array_equal(
-            np.asarray(state[fam.tied_bias]), np.asarray(state["cls.predictions.bias"])):
-        raise UserError(f"{source}: {fam.tied_bias} differs from cls.predictions.bias; "
+            np.asarray(state[fam.tied_bias]), np.asarray(state[fam.bias_name])):
+        raise UserError(f"{source}: {fam.tied_bias} differs from {fam.bias_name}; "
                         "re-save the model with transformers so that the two are tied")
 
     params: dict = {}
     stacked: dict[str, list] = {}
     for path, name, kind, _, layer in rows:
-        value = _to_flax(np.asarray(state[name]), kind, heads)
+        value = np.ascontiguousarray(_to_flax(np.asarray(state[name]), kind, heads))
         if layer is None:
             _set(params, path, value)
         else:
@@ -336,6 +422,13 @@ def hf_to_flax(
 
 
 def _flax_shape(kind: str, hf_shape: tuple[int, ...], heads: int) -> tuple[int, ...]:
+    kind, _ = _part(kind)
+    if kind == CONV_HEADS_OUT:  # [N*H, D] -> [N, H, D]
+        return (heads, hf_shape[0] // heads, hf_shape[1])
+    if kind == QKV_IN:  # [D, 3D] -> [D, N, H]
+        return (hf_shape[0], heads, hf_shape[1] // 3 // heads)
+    if kind == QKV_BIAS:  # [3D] -> [N, H]
+        return (heads, hf_shape[0] // 3 // heads)
     if kind in (COPY,):
         return hf_shape
     if kind == LINEAR:
@@ -395,13 +488,20 @@ def flax_to_hf(params: Mapping[str, Any], cfg: ModelConfig, with_head: bool = Tr
     fam = family(cfg)
     prefixed = with_head if prefixed is None else prefixed
     out: dict[str, np.ndarray] = {}
+    fused: dict[str, list[tuple[int, np.ndarray]]] = {}
     for path, name, kind, _, layer in _table(cfg, with_head):
         value = np.asarray(_get(params, path))
         tensor = _to_hf(value if layer is None else value[layer], kind)
         if dtype is not None:
             tensor = tensor.astype(dtype)
         full = name if (path.startswith("mlm_head/") or not prefixed) else fam.prefix + name
-        out[full] = np.ascontiguousarray(tensor)
+        part = _part(kind)[1]
+        if part is None:
+            out[full] = np.ascontiguousarray(tensor)
+        else:
+            fused.setdefault(full, []).append((part, tensor))
+    for full, parts in fused.items():  # GPT-2's c_attn: q, k, v side by side on the last axis
+        out[full] = np.ascontiguousarray(np.concatenate([t for _, t in sorted(parts, key=lambda p: p[0])], axis=-1))
     return out
 
 
@@ -459,8 +559,8 @@ def classifier_to_hf(params: Mapping[str, Any], cfg: ModelConfig, num_labels: in
 def expected_hf_names(cfg: ModelConfig, with_head: bool = True) -> list[str]:
     """Full HF names ``flax_to_hf`` writes for a config (sorted)."""
     fam = family(cfg)
-    return sorted(name if (path.startswith("mlm_head/") or not with_head) else fam.prefix + name
-                  for path, name, *_ in _table(cfg, with_head))
+    return sorted({name if (path.startswith("mlm_head/") or not with_head) else fam.prefix + name
+                   for path, name, *_ in _table(cfg, with_head)})
 
 
 __all__ = ["check_flax_params", "classifier_to_hf", "split_classifier", "expected_hf_names", "flax_shapes", "flax_to_hf", "head_names", "hf_to_flax",

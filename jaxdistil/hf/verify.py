@@ -54,19 +54,23 @@ def sample_inputs(tokenizer_dir: str | Path | None, cfg: ModelConfig, seed: int 
     """
     if tokenizer_dir is not None:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        if tok.pad_token is None:  # GPT-2: pad with <|endoftext|> under the attention mask
+            tok.pad_token = tok.eos_token
         mask = tok.mask_token or ""
         enc = tok([s.format(mask=mask) for s in SENTENCES], padding=True, truncation=True,
-                  max_length=min(cfg.max_position_embeddings, 128), return_tensors="np",
+                  max_length=min(cfg.max_tokens, 128), return_tensors="np",
                   return_token_type_ids=False)
         ids = np.asarray(enc["input_ids"], np.int32)
-        if ids.max() < cfg.vocab_size:
+        if ids.size and ids.max() < cfg.vocab_size:
             return {"input_ids": ids, "attention_mask": np.asarray(enc["attention_mask"], np.int32)}
     rng = np.random.default_rng(seed)
     lengths = [11, 7, 3, 9]
-    length = min(max(lengths), cfg.max_position_embeddings)
-    ids = rng.integers(1, cfg.vocab_size, (len(lengths), length)).astype(np.int32)
+    length = min(max(lengths), cfg.max_tokens)
+    pad = int(cfg.pad_token_id)
+    ids = rng.integers(0, cfg.vocab_size - 1, (len(lengths), length)).astype(np.int32)
+    ids = ids + (ids >= pad)  # never the pad id (RoBERTa reads positions from the ids)
     mask = (np.arange(length)[None, :] < np.minimum(lengths, length)[:, None]).astype(np.int32)
-    return {"input_ids": ids * mask, "attention_mask": mask}
+    return {"input_ids": np.where(mask == 1, ids, pad).astype(np.int32), "attention_mask": mask}
 
 
 def flax_forward(cfg: ModelConfig, params: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -86,13 +90,15 @@ def torch_forward(hf_dir: str | Path, input_ids: np.ndarray, attention_mask: np.
                   token_type_ids: np.ndarray | None = None, mlm: bool = True) -> dict[str, np.ndarray]:
     """transformers' PyTorch model from ``hf_dir`` in fp32 eval mode.
 
-    ``mlm=True`` loads ``AutoModelForMaskedLM`` (logits + hidden states), else ``AutoModel``
-    (hidden states only). hidden_states: [L+1, B, T, D] (embeddings output first).
+    ``mlm=True`` loads the LM (``AutoModelForMaskedLM``, or ``AutoModelForCausalLM`` for GPT-2:
+    logits + hidden states), else ``AutoModel`` (hidden states only). hidden_states: [L+1, B, T, D]
+    (embeddings output first).
     """
     import torch  # optional: the reference side only, checked by torch_available()
-    from transformers import AutoModel, AutoModelForMaskedLM  # (needs torch)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM  # (needs torch)
 
-    cls = AutoModelForMaskedLM if mlm else AutoModel
+    causal = AutoConfig.from_pretrained(str(hf_dir)).model_type == "gpt2"
+    cls = (AutoModelForCausalLM if causal else AutoModelForMaskedLM) if mlm else AutoModel
     with no_progress_bars():
         model = cls.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     kwargs = {"input_ids": torch.as_tensor(np.asarray(input_ids, np.int64)),

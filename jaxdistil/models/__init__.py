@@ -1,4 +1,5 @@
-"""Flax BERT teacher and DistilBERT student, numerically equal to transformers' PyTorch models."""
+"""Flax models numerically equal to transformers' PyTorch ones: BERT, DistilBERT, RoBERTa (masked
+LM) and GPT-2 (causal LM)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from jaxdistil.models.configs import (
     BertConfig,
     ConfigError,
     DistilBertConfig,
+    GPT2Config,
     ModelConfig,
+    RobertaConfig,
     config_from_hf_dict,
     load_config,
     save_config,
 )
 from jaxdistil.models.distilbert import DistilBertForMaskedLM
+from jaxdistil.models.gpt2 import GPT2LMHeadModel
+from jaxdistil.models.roberta import RobertaForMaskedLM
 from jaxdistil.models.layers import EncoderOutput, MaskedLMOutput, TransformerMaskedLM
 
 # Compute dtypes of the models (parameters stay float32). No float16: it would need loss scaling;
@@ -25,15 +30,19 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 __all__ = [
     "COMPUTE_DTYPES", "BertConfig", "BertForMaskedLM", "ConfigError", "DistilBertConfig", "DistilBertForMaskedLM",
-    "EncoderOutput", "MaskedLMOutput", "ModelConfig", "TransformerMaskedLM", "build_model",
+    "EncoderOutput", "GPT2Config", "GPT2LMHeadModel", "MaskedLMOutput", "ModelConfig", "RobertaConfig",
+    "RobertaForMaskedLM", "TransformerMaskedLM", "build_model",
     "config_from_hf_dict", "init_params", "load_config", "save_config",
 ]
 
 
+MODEL_CLASSES = {BertConfig: BertForMaskedLM, DistilBertConfig: DistilBertForMaskedLM,
+                 RobertaConfig: RobertaForMaskedLM, GPT2Config: GPT2LMHeadModel}
+
+
 def build_model(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False):
-    """The Flax module for a config: BERT configs give BertForMaskedLM, DistilBERT ones the student."""
-    cls = BertForMaskedLM if isinstance(cfg, BertConfig) else DistilBertForMaskedLM
-    return cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    """The Flax module for a config (its LM: ``*ForMaskedLM``, or ``GPT2LMHeadModel``)."""
+    return MODEL_CLASSES[type(cfg)](cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
 def init_params(model: TransformerMaskedLM, rng: jax.Array, length: int = 8, boxed: bool = False):

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistil.models.configs import BertConfig, ConfigError, ModelConfig
+from jaxdistil.models.configs import BertConfig, ConfigError, DistilBertConfig, ModelConfig
 from jaxdistil.models.layers import BATCH, TransformerEncoder, _normal, _zeros
 
 PROBLEM_TYPES = ("single_label_classification", "regression")
@@ -82,7 +82,13 @@ class ClassifierHead:
 
 
 def family_of(cfg: ModelConfig) -> str:
-    return "bert" if isinstance(cfg, BertConfig) else "distilbert"
+    """"bert" or "distilbert": the families with a sequence-classification head here."""
+    if type(cfg) is BertConfig:
+        return "bert"
+    if type(cfg) is DistilBertConfig:
+        return "distilbert"
+    raise ConfigError(f"sequence classification supports BERT and DistilBERT encoders, not {cfg.model_type}; "
+                      "fine-tune a BERT or DistilBERT model")
 
 
 class SequenceClassifier(TransformerEncoder):

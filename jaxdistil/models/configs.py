@@ -1,8 +1,9 @@
 """Typed model configs that read and write Hugging Face ``config.json`` files.
 
-Field names are the ones of transformers' ``BertConfig`` and ``DistilBertConfig`` so that a
-``config.json`` round-trips unchanged. Both classes expose the same read-only properties
-(``hidden``, ``layers``, ``heads``, ``mlp``, ``act``, ...) that the shared layers consume.
+Field names are the ones of transformers' ``BertConfig``, ``DistilBertConfig``, ``RobertaConfig``
+and ``GPT2Config`` so that a ``config.json`` round-trips unchanged. Every class exposes the same
+read-only properties (``hidden``, ``layers``, ``heads``, ``mlp``, ``act``, ``causal``, ...) that the
+shared layers consume.
 """
 
 from __future__ import annotations
@@ -63,11 +64,40 @@ class BertConfig:
     ln_eps = property(lambda self: self.layer_norm_eps)
     token_types = property(lambda self: self.type_vocab_size)
     sinusoidal = property(lambda self: False)
+    embedding_dropout = property(lambda self: self.hidden_dropout_prob)
+    # Post-LN encoder, bidirectional attention, positions counted from 0.
+    causal = property(lambda self: False)
+    pre_ln = property(lambda self: False)
+    position_offset = property(lambda self: 0)
+    # The longest input: the position table's rows from position_offset on.
+    max_tokens = property(lambda self: self.max_position_embeddings - self.position_offset)
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.update(model_type=self.model_type, architectures=[self.architecture])
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RobertaConfig(BertConfig):
+    """transformers ``RobertaConfig``: BERT's encoder and MLM head (``lm_head``), positions counted
+    from ``pad_token_id + 1`` (the padding position's row stays unused), one token type."""
+
+    model_type: ClassVar[str] = "roberta"
+    architecture: ClassVar[str] = "RobertaForMaskedLM"
+
+    vocab_size: int = 50265
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        _check_common("RobertaConfig", self.hidden_size, self.num_attention_heads, self.hidden_act)
+
+    position_offset = property(lambda self: self.pad_token_id + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +136,11 @@ class DistilBertConfig:
     ln_eps = property(lambda self: 1e-12)
     token_types = property(lambda self: 0)
     sinusoidal = property(lambda self: self.sinusoidal_pos_embds)
+    embedding_dropout = property(lambda self: self.dropout)
+    causal = property(lambda self: False)
+    pre_ln = property(lambda self: False)
+    position_offset = property(lambda self: 0)
+    max_tokens = property(lambda self: self.max_position_embeddings)
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -113,8 +148,69 @@ class DistilBertConfig:
         return out
 
 
-ModelConfig = BertConfig | DistilBertConfig
-CONFIG_CLASSES: dict[str, type] = {"bert": BertConfig, "distilbert": DistilBertConfig}
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """transformers ``GPT2Config`` (the fields that shape the model): pre-LN causal decoder, learned
+    positions, no embedding LayerNorm, a final ``ln_f``, LM head tied to the token embeddings."""
+
+    model_type: ClassVar[str] = "gpt2"
+    architecture: ClassVar[str] = "GPT2LMHeadModel"
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int = 0  # config.json null: 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    def __post_init__(self):
+        _check_common("GPT2Config", self.n_embd, self.n_head, self.activation_function)
+        if not self.scale_attn_weights or self.scale_attn_by_inverse_layer_idx:
+            raise ConfigError("GPT2Config: only scale_attn_weights=true with scale_attn_by_inverse_layer_idx=false "
+                              "(GPT-2's 1/sqrt(head width)) is supported")
+
+    hidden = property(lambda self: self.n_embd)
+    layers = property(lambda self: self.n_layer)
+    heads = property(lambda self: self.n_head)
+    mlp = property(lambda self: self.n_inner or 4 * self.n_embd)
+    act = property(lambda self: self.activation_function)
+    dropout = property(lambda self: self.resid_pdrop)
+    attention_output_dropout = property(lambda self: self.resid_pdrop)
+    attention_dropout = property(lambda self: self.attn_pdrop)
+    embedding_dropout = property(lambda self: self.embd_pdrop)
+    ln_eps = property(lambda self: self.layer_norm_epsilon)
+    token_types = property(lambda self: 0)
+    sinusoidal = property(lambda self: False)
+    max_position_embeddings = property(lambda self: self.n_positions)
+    causal = property(lambda self: True)
+    pre_ln = property(lambda self: True)
+    position_offset = property(lambda self: 0)
+    max_tokens = property(lambda self: self.n_positions)
+    # No [PAD] in GPT-2's vocabulary: batches are padded with <|endoftext|> under an attention mask.
+    pad_token_id = property(lambda self: self.eos_token_id)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["n_inner"] = self.n_inner or None
+        out.update(model_type=self.model_type, architectures=[self.architecture], n_ctx=self.n_positions,
+                   tie_word_embeddings=True)
+        return out
+
+
+ModelConfig = BertConfig | DistilBertConfig | RobertaConfig | GPT2Config
+CONFIG_CLASSES: dict[str, type] = {"bert": BertConfig, "distilbert": DistilBertConfig, "roberta": RobertaConfig,
+                                   "gpt2": GPT2Config}
 
 
 def config_from_hf_dict(data: dict[str, Any], source: str = "config") -> ModelConfig:
@@ -122,7 +218,8 @@ def config_from_hf_dict(data: dict[str, Any], source: str = "config") -> ModelCo
     model_type = data.get("model_type")
     if model_type not in CONFIG_CLASSES:
         raise ConfigError(
-            f"{source}: model_type {model_type!r} is not supported; jaxdistil reads 'bert' and 'distilbert'"
+            f"{source}: model_type {model_type!r} is not supported; jaxdistil reads "
+            + ", ".join(repr(k) for k in CONFIG_CLASSES)
         )
     cls = CONFIG_CLASSES[model_type]
     names = {f.name: f for f in dataclasses.fields(cls)}

@@ -1,8 +1,9 @@
 """The FLOP model of the transformers here: what MFU (model FLOPs utilisation) divides by.
 
 Matmul FLOPs only, 2 per multiply-add: per layer the q/k/v/out projections (4 D^2), the FFN
-(2 D F), attention scores and the mixing of values (2 T D); then the MLM head's transform (D^2)
-and vocabulary projection (D V) on every row. Embedding gathers, LayerNorms, softmax and the
+(2 D F), attention scores and the mixing of values (2 T D); then the MLM head's transform (D^2,
+not in GPT-2, whose LM head is the bare projection) and vocabulary projection (D V) on every row.
+Causal attention is counted in full (T D per token), as the kernels compute it. Embedding gathers, LayerNorms, softmax and the
 losses are not matmuls and are left out, as MFU conventions do. A training step costs 3x the
 student's forward (forward + backward) plus 1x the frozen teacher's forward.
 """
@@ -18,7 +19,8 @@ def forward_flops_per_token(cfg: Any, length: int, mlm_head: bool = True) -> flo
     runs on one row per sequence, a rounding error next to the encoder)."""
     d, f, v = cfg.hidden, cfg.mlp, cfg.vocab_size
     per_layer = 4 * d * d + 2 * d * f + 2 * length * d
-    return 2.0 * (cfg.layers * per_layer + (d * d + d * v if mlm_head else 0))
+    head = (0 if getattr(cfg, "causal", False) else d * d) + d * v
+    return 2.0 * (cfg.layers * per_layer + (head if mlm_head else 0))
 
 
 def train_flops_per_token(student: Any, teacher: Any | None, length: int) -> float:

@@ -1,9 +1,14 @@
-"""Building blocks shared by the BERT teacher and the DistilBERT student.
+"""Building blocks shared by every model: BERT, DistilBERT, RoBERTa and GPT-2.
 
-BERT and DistilBERT run the same post-LayerNorm transformer: embeddings -> LayerNorm, then per layer
-``LN(x + Attn(x))`` and ``LN(h + FFN(h))``, then an MLM head (dense -> activation -> LayerNorm ->
-projection tied to the word embeddings, plus a bias). Only the names in transformers differ, and
-BERT adds token-type embeddings. So one encoder serves both; ``jaxdistil.hf`` maps the names.
+BERT, DistilBERT and RoBERTa run the same post-LayerNorm transformer: embeddings -> LayerNorm, then
+per layer ``LN(x + Attn(x))`` and ``LN(h + FFN(h))``, then an MLM head (dense -> activation ->
+LayerNorm -> projection tied to the word embeddings, plus a bias). Only the names in transformers
+differ; BERT and RoBERTa add token-type embeddings, RoBERTa counts positions from ``pad + 1``.
+GPT-2 runs the pre-LayerNorm form (``cfg.pre_ln``): no embedding LayerNorm, per layer
+``x + Attn(LN(x))`` and ``h + FFN(LN(h))``, a final LayerNorm, causal attention, and a bare tied
+projection as LM head. The layer's parameters have the same names in both forms (``sa_layer_norm``
+is GPT-2's ``ln_1``, ``output_layer_norm`` its ``ln_2``), so one rules table, one student-from-teacher
+layer copy and one ``jaxdistil.hf`` name table serve all four.
 
 Every parameter carries logical axis names; ``jaxdistil.distill.sharding`` maps them to mesh axes:
 
@@ -75,20 +80,26 @@ def sinusoidal_table(n_pos: int, dim: int) -> np.ndarray:
 
 
 def attention_mask_from(
-    attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape: tuple[int, int]
+    attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape: tuple[int, int],
+    causal: bool = False,
 ) -> jax.Array:
-    """Boolean mask [B, 1, T, T]: key j is visible to query i.
+    """Boolean mask [B, 1, T, T] (or broadcastable to it): key j is visible to query i.
 
     ``segment_ids`` (packed sequences, 0 = padding) restricts attention to the same segment;
     otherwise ``attention_mask`` [B, T] (1 = real token) hides padded keys, as transformers does.
+    ``causal`` also hides the keys after the query (j > i).
     """
     batch, length = shape
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        return (same & (segment_ids[:, None, :] > 0))[:, None]
-    if attention_mask is None:
-        return jnp.ones((batch, 1, 1, length), dtype=bool)
-    return attention_mask.astype(bool)[:, None, None, :]
+        mask = (same & (segment_ids[:, None, :] > 0))[:, None]
+    elif attention_mask is None:
+        mask = jnp.ones((batch, 1, 1, length), dtype=bool)
+    else:
+        mask = attention_mask.astype(bool)[:, None, None, :]
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+    return mask
 
 
 @struct.dataclass
@@ -106,7 +117,10 @@ class MaskedLMOutput:
 
 
 class Embeddings(nn.Module):
-    """Word + position (+ token type) embeddings, LayerNorm, dropout."""
+    """Word + position (+ token type) embeddings, LayerNorm (not in GPT-2), dropout.
+
+    ``position_ids`` count from 0; the table is read at ``position_ids + cfg.position_offset``
+    (RoBERTa's ``pad + 1``)."""
 
     cfg: Any
     dtype: Dtype = jnp.float32
@@ -134,20 +148,25 @@ class Embeddings(nn.Module):
                 cfg.token_types, cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
                 embedding_init=_normal(std, ("token_type", "embed")),
             )
-        self.LayerNorm = _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")
-        self.dropout = nn.Dropout(cfg.dropout)
+        if not cfg.pre_ln:
+            self.LayerNorm = _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")
+        self.dropout = nn.Dropout(cfg.embedding_dropout)
 
     def __call__(self, input_ids, position_ids, token_type_ids, deterministic: bool):
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        offset = self.cfg.position_offset
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids + offset if offset else position_ids)
         if self.cfg.token_types:
             x = x + self.token_type_embeddings(token_type_ids)
-        x = self.LayerNorm(x)
+        if not self.cfg.pre_ln:
+            x = self.LayerNorm(x)
         x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
         return self.dropout(x, deterministic=deterministic)
 
 
 class TransformerLayer(nn.Module):
-    """One post-LN encoder layer. Call: (x [B,T,D], mask [B,1,T,T]) -> (x, (x, attention probs))."""
+    """One transformer layer, post-LN (BERT family) or pre-LN (GPT-2, ``cfg.pre_ln``).
+
+    Call: (x [B,T,D], mask [B,1,T,T]) -> (x, (x, attention probs))."""
 
     cfg: Any
     dtype: Dtype = jnp.float32
@@ -167,6 +186,9 @@ class TransformerLayer(nn.Module):
                 kernel_init=_normal(std, ("embed", "heads", "kv")), bias_init=_zeros(("heads", "kv")),
             )(x)
 
+        residual = x
+        if cfg.pre_ln:
+            x = _layer_norm(cfg, dt, pdt, "sa_layer_norm")(x)
         q, k, v = proj("q_lin"), proj("k_lin"), proj("v_lin")  # [B, T, N, H]
         attn_dropout = 0.0 if self.deterministic else cfg.attention_dropout
         probs = None
@@ -185,13 +207,17 @@ class TransformerLayer(nn.Module):
         )(ctx)
         # BERT drops the attention output here (BertSelfOutput); DistilBERT does not (rate 0).
         attn = nn.Dropout(cfg.attention_output_dropout)(attn, deterministic=self.deterministic)
-        h = _layer_norm(cfg, dt, pdt, "sa_layer_norm")(attn + x)
+        if cfg.pre_ln:
+            h = attn + residual
+            ff_in = _layer_norm(cfg, dt, pdt, "output_layer_norm")(h)
+        else:
+            h = ff_in = _layer_norm(cfg, dt, pdt, "sa_layer_norm")(attn + residual)
         h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
 
         ff = nn.Dense(
             cfg.mlp, dtype=dt, param_dtype=pdt, name="lin1",
             kernel_init=_normal(std, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
-        )(h)
+        )(ff_in)
         ff = activation_fn(cfg.act)(ff)
         ff = nn.with_logical_constraint(ff, (BATCH, LENGTH, "activation_mlp"))
         ff = nn.Dense(
@@ -199,7 +225,7 @@ class TransformerLayer(nn.Module):
             kernel_init=_normal(std, ("mlp", "embed")), bias_init=_zeros(("embed",)),
         )(ff)
         ff = nn.Dropout(cfg.dropout)(ff, deterministic=self.deterministic)
-        out = _layer_norm(cfg, dt, pdt, "output_layer_norm")(ff + h)
+        out = ff + h if cfg.pre_ln else _layer_norm(cfg, dt, pdt, "output_layer_norm")(ff + h)
         out = nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED))
         return out, (out, probs)
 
@@ -238,6 +264,10 @@ class Encoder(nn.Module):
         x, (states, probs) = stack(
             self.cfg, self.dtype, self.param_dtype, deterministic, output_attentions, name="layers"
         )(x, mask)
+        if self.cfg.pre_ln:
+            # GPT-2's ln_f: the last hidden state (and the last of hidden_states) is normalised.
+            x = _layer_norm(self.cfg, self.dtype, self.param_dtype, "final_layer_norm")(x)
+            states = states.at[-1].set(x)
         return x, states, probs
 
 
@@ -291,11 +321,16 @@ class TransformerEncoder(nn.Module):
         """input_ids [B, T] int; attention_mask [B, T] (1 real, 0 pad); segment_ids [B, T] for
         packed rows (0 pad), with position_ids restarting per segment."""
         batch, length = input_ids.shape
+        if position_ids is None and self.cfg.position_offset:
+            # RoBERTa counts the real tokens (ids != pad), as transformers does: pads get -1, i.e.
+            # the table's pad row.
+            real = (input_ids != self.cfg.pad_token_id).astype(jnp.int32)
+            position_ids = jnp.cumsum(real, axis=1) * real - 1
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        mask = attention_mask_from(attention_mask, segment_ids, (batch, length))
+        mask = attention_mask_from(attention_mask, segment_ids, (batch, length), causal=self.cfg.causal)
         x = self.embeddings(input_ids, position_ids, token_type_ids, deterministic)
         first = x
         x, states, probs = self.encoder(x, mask, deterministic, output_attentions)

@@ -290,6 +290,11 @@ class CollectiveStats:
         """The ``n`` ops moving the most bytes per step (where to look first)."""
         return sorted(self.ops, key=lambda op: -op["bytes"] * op["executions"])[:n]
 
+    def in_loops(self) -> list[dict[str, Any]]:
+        """The ops that run more than once per step (inside a loop body): each execution is a
+        separate collective, so a per-chunk reduction shows here."""
+        return [op for op in self.ops if op["executions"] > 1]
+
     @property
     def total_bytes(self) -> int:
         return sum(self.bytes.values())

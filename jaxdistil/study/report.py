@@ -93,7 +93,7 @@ class StrategyResult:
             sizes=self.sizes, memory=self.memory, step_times_s=self.step_times_s, losses=self.losses,
             collectives={"count": self.collectives.count, "bytes": self.collectives.bytes,
                          "static_count": self.collectives.static_count,
-                         "largest": self.collectives.largest(20)},
+                         "largest": self.collectives.largest(20), "in_loops": self.collectives.in_loops()},
             notes=self.notes,
         )
         return out

@@ -106,7 +106,8 @@ def setup_from_run_config(cfg: Any, batch: int | None, seq: int | None, seed: in
         teacher = model_config_for(cfg.teacher.model, "teacher.model")
     if cfg.data.dir:
         tok = manifest_lib.load_manifest(cfg.data.dir)["tokenizer"]
-        vocab, pad, mask = int(tok["vocab_size"]), int(tok["special_ids"]["pad"]), int(tok["special_ids"]["mask"])
+        vocab, pad = int(tok["vocab_size"]), int(tok["special_ids"]["pad"])
+        mask = int(tok["special_ids"].get("mask", -1))  # none in causal-LM (GPT-2) data
     else:
         vocab = teacher.vocab_size if teacher is not None else int(cfg.student.config.get("vocab_size", 30522))
         pad, mask = 0, (103 if vocab > 103 else vocab - 1)  # BERT's ids; tiny vocabularies: the last

@@ -1,0 +1,69 @@
+"""The GPT-2 teacher / student: ``GPT2LMHeadModel`` as in transformers.
+
+Pre-LN causal decoder: token + learned position embeddings (no LayerNorm), per layer
+``x + Attn(ln_1(x))`` and ``h + MLP(ln_2(h))`` (GELU tanh form), a final ``ln_f``, and an LM head tied
+to the token embeddings, without bias. Parameter tree (shared names with the encoders of
+``jaxdistil.models.layers``): embeddings/{word_embeddings, position_embeddings},
+encoder/layers/{sa_layer_norm (ln_1), q_lin, k_lin, v_lin (c_attn split in three), out_lin
+(attn.c_proj), output_layer_norm (ln_2), lin1 (mlp.c_fc), lin2 (mlp.c_proj)} (stacked),
+encoder/final_layer_norm (ln_f).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdistil.models.configs import GPT2Config
+from jaxdistil.models.layers import MaskedLMOutput, TransformerEncoder
+
+
+class GPT2LMHeadModel(TransformerEncoder):
+    """GPT-2 + tied LM head. Methods, as the masked-LM models' (the step treats them alike):
+    ``encode`` -> EncoderOutput, ``mlm_logits`` hidden [..., D] -> next-token logits [..., V],
+    ``__call__`` -> MaskedLMOutput (logits and hidden states)."""
+
+    cfg: GPT2Config
+
+    def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits [..., V]: the tied projection (GPT-2's lm_head has no bias)."""
+        return self.embeddings.word_embeddings.attend(hidden)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 segment_ids=None, deterministic: bool = True, output_attentions: bool = False):
+        enc = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
+                          deterministic, output_attentions)
+        return MaskedLMOutput(self.mlm_logits(enc.last_hidden_state), enc.hidden_states, enc.attentions)
+
+
+def greedy_generate(model: GPT2LMHeadModel, params, input_ids: jax.Array, new_tokens: int,
+                    temperature: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+    """Appends ``new_tokens`` tokens to ``input_ids`` [B, T0] (unpadded prompts of equal length).
+
+    temperature 0: greedy (arg-max), as transformers' ``generate(do_sample=False)``; otherwise
+    samples from softmax(logits / temperature) with ``rng``. Each step re-runs the whole prefix
+    (no KV cache): a smoke test and demo generator, not a serving path. Returns [B, T0 + new_tokens].
+    """
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng")
+    ids = jnp.asarray(input_ids, jnp.int32)
+    batch, start = ids.shape
+    total = start + new_tokens
+    if total > model.cfg.n_positions:
+        raise ValueError(f"prompt + new tokens = {total} exceeds the model's {model.cfg.n_positions} positions")
+    buf = jnp.zeros((batch, total), jnp.int32).at[:, :start].set(ids)
+
+    @jax.jit
+    def next_token(buf, pos, key):
+        # Positions after ``pos`` are zeros, hidden by the causal mask from every position <= pos.
+        logits = model.apply({"params": params}, buf).logits  # [B, total, V]
+        last = jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False).astype(jnp.float32)
+        if temperature > 0:
+            return jax.random.categorical(key, last / temperature, axis=-1).astype(jnp.int32)
+        return jnp.argmax(last, axis=-1).astype(jnp.int32)
+
+    key = rng if rng is not None else jax.random.PRNGKey(0)
+    for pos in range(start - 1, total - 1):
+        key, sub = jax.random.split(key)
+        buf = buf.at[:, pos + 1].set(next_token(buf, pos, sub))
+    return buf
