@@ -1,23 +1,37 @@
-"""The whole method, end to end, on a 2-core CPU in minutes (``jaxdistil demo [--output DIR]``).
+"""The main job: what distillation buys, measured end to end on a 2-core CPU (``jaxdistil demo``).
 
-  1. data      the built-in corpus (docstrings of the Python standard library), a WordPiece
-               tokenizer trained on it, tokenized into train / held-out shards (``jaxdistil prepare``)
-  2. teacher   a small BERT pre-trained from scratch with the MLM loss alone (``train``, no teacher)
-  3. student   a DistilBERT of half its depth, initialised from the teacher's layers 0 and 2, distilled
-               with the paper's triple loss (``train --config configs/demo.yaml``)
-  4. evaluate  both on the held-out text with the same masks: MLM accuracy and perplexity
-  5. export    the student as a Hugging Face DistilBertForMaskedLM, checked against transformers
-  6. report    parameters, accuracy, perplexity, the student's retention of the teacher's accuracy,
-               their inference speed ratio: printed, saved as DIR/report.json and a plot DIR/report.png
+The paper's comparisons in small, all on the same held-out text and the same masks, every student of
+the same shape (2 layers, half the teacher's depth) and the same step budget:
 
-Every stage is a library call of its own command, and every stage resumes: running the demo again
-reuses the data and the finished runs and only rebuilds the report.
+  data       the built-in corpus (docstrings of the Python standard library) tokenized with the
+             teacher's tokenizer; the held-out documents are the ones the teacher never saw (the same
+             text-hash split as its pre-training data)
+  teacher    the shipped teacher (jaxdistil/assets/teacher-pydocs): a 4-layer BERT pre-trained with
+             the MLM loss by jaxdistil's own ``train`` (configs/teacher-pydocs.yaml reproduces it)
+  copied     the student as copied from teacher layers 0 and 2, before any training
+  distilled  the triple loss (5 L_ce + 2 L_mlm + 1 L_cos) from the copied init, 2 seeds
+  mlm-only   L_mlm alone from the same copied init, same steps and seeds (no L_ce, no L_cos)
+  random     (``--ablation``) the triple loss from a random init of the same shape, 2 seeds
+  finetune   the teacher and every student fine-tuned the same way on builtin:pydocs-topics
+  export     the first distilled student as a Hugging Face DistilBertForMaskedLM, checked in transformers
+  report     report.json and report.png, built from the runs' own metrics files only
+
+Held-out scores: top-1 accuracy on positions replaced by [MASK] (15% of the tokens, no kept or random
+token to copy) against the most-frequent-token baseline, and the perplexity of BERT's 80/10/10
+masking; the seeds change the students' data order. Every stage is reused by a rerun that finds it
+finished (``DIR/stages.json``), and an interrupted stage resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.resources
 import json
+import os
+import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,59 +40,112 @@ import matplotlib
 import numpy as np
 
 from jaxdistil.config import load_run_config
+from jaxdistil.data.corpus import SourceOptions
 from jaxdistil.data.loader import LoaderConfig, eval_batches
 from jaxdistil.data.manifest import MANIFEST_NAME
 from jaxdistil.data.prepare import PrepareConfig, prepare
 from jaxdistil.errors import UserError
-from jaxdistil.evaluation import evaluate_model
-from jaxdistil.hf import export_model, load_model
+from jaxdistil.finetune.config import load_finetune_config
+from jaxdistil.finetune.run import finetune
+from jaxdistil.hf import export_model, load_model, save_flax_model
 from jaxdistil.metrics import read_metrics
-from jaxdistil.models import build_model
+from jaxdistil.models import DistilBertConfig, build_model
+from jaxdistil.students import student_from_teacher, trained_params
 from jaxdistil.train import train
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-VOCAB = 2000  # WordPiece tokens trained on the corpus (a small vocabulary keeps the MLM head cheap)
-MAX_LEN = 64
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "demo.yaml"
+FINETUNE_CONFIG = REPO / "configs" / "finetune" / "pydocs-topics.yaml"
+TEACHER = Path(str(importlib.resources.files("jaxdistil") / "assets" / "teacher-pydocs"))
+MAX_LEN = 64  # the students' sequences (the teacher was pre-trained on 128)
+HOLDOUT = 0.1  # the teacher's pre-training split: its held-out documents are ours
+LAYERS = (0, 2)
+SEEDS = (56, 57)
+STUDENT_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0}  # a few hundred updates: nothing to regularise
+FINETUNE_EPOCHS = 1.0  # configs/finetune/pydocs-topics.yaml's recipe with one epoch: 7 fine-tunings in budget
 
-# The teacher: configs/demo.yaml with these overrides: an MLM-only run of a randomly initialised BERT.
-# It masks 40% of the tokens instead of 15%: more supervision per step, which pre-training from
-# scratch on a budget of a few hundred steps needs (Wettig et al. 2023, "Should You Mask 15% in MLM?").
-TEACHER_STAGE = [
-    "teacher.model=null",
-    "student.init=random",
-    "student.model_type=bert",
-    (
-        "student.config={hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, "
-        f"intermediate_size: 512, max_position_embeddings: {MAX_LEN}, "
-        "hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"
-    ),
-    "loss.alpha_ce=0.0",
-    "loss.alpha_cos=0.0",
-    "loss.alpha_mlm=1.0",
-    "masking.mlm_mask_prop=0.4",
-    "optim.learning_rate=2.0e-3",
-    "train.steps=400",
-]
+# kind -> (what the run is, overrides of configs/demo.yaml besides data, run dir, seed and init)
+KINDS = {
+    "distilled": "triple loss (5 L_ce + 2 L_mlm + 1 L_cos) from the copied init",
+    "mlm_only": "L_mlm alone (2 L_mlm, no L_ce, no L_cos) from the copied init",
+    "random_init": "triple loss from a random init of the same shape",
+}
 
 
-def _stage(name: str) -> None:
-    print(f"\n== {name}", flush=True)
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    """What ``demo`` runs. steps: None = configs/demo.yaml's; finetune_epochs: passes over the
+    downstream task's training split; ablation: add the random-init students."""
+
+    output: str | Path = "demo-out"
+    teacher: str | Path = TEACHER
+    seeds: tuple[int, ...] = SEEDS
+    steps: int | None = None
+    finetune_epochs: float = FINETUNE_EPOCHS
+    ablation: bool = False
+    export: bool = True
 
 
-def forward_times(
-    models: list[tuple[Any, Any]], batch: dict[str, np.ndarray], repeats: int = 10
-) -> list[float]:
-    """Best wall time (s) of a jitted forward pass (logits of every token) of each (config, params)
-    on ``batch``; the models take turns so that a busy machine slows them alike."""
+def run_name(kind: str, seed: int) -> str:
+    return f"{kind.replace('_', '-')}-s{seed}"
+
+
+class Stages:
+    """Stage bookkeeping in ``DIR/stages.json``: a finished stage (recorded with its time) is reused
+    by a rerun as long as its output is still there."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.seconds: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.reused: list[str] = []
+
+    def run(self, name: str, what: str, fn: Callable[[], Any], output: Path) -> None:
+        if name in self.seconds and output.exists():
+            print(f"\n== {name}: reusing {output}", flush=True)
+            self.reused.append(name)
+            return
+        print(f"\n== {name}: {what}", flush=True)
+        start = time.perf_counter()
+        fn()
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.seconds, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _finished(result) -> None:
+    if result.interrupted is not None:
+        raise UserError("the demo was interrupted; run the same command again to resume")
+
+
+def _copied_student(teacher_dir: Path, output: Path) -> None:
+    """The student as copied from the teacher's layers (DistilBERT of half depth), as a Flax model dir."""
+    teacher = load_model(str(teacher_dir))
+    cfg, params, _ = student_from_teacher(teacher.config, trained_params(teacher), LAYERS, overrides=STUDENT_DROPOUT)
+    save_flax_model(cfg, params, output, has_mlm_head=True, tokenizer_dir=teacher.tokenizer_dir, force=True,
+                    origin=f"demo: teacher layers {list(LAYERS)} of {teacher_dir}")
+
+
+def _random_init_overrides(init_dir: Path) -> list[str]:
+    """student.init=random with the copied student's shape (and the data's vocabulary)."""
+    cfg = load_model(str(init_dir)).config
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DistilBertConfig)
+              if f.name not in ("vocab_size", "pad_token_id")}
+    return ["student.init=random", "student.model_type=distilbert", f"student.config={json.dumps(fields)}"]
+
+
+def forward_times(models: list[Any], batch: dict[str, np.ndarray], repeats: int = 10) -> list[float]:
+    """Best wall time (s) of a jitted forward pass (logits of every token) of each loaded model on
+    ``batch``; the models take turns so that a busy machine slows them alike."""
     ids, mask = jax.device_put(batch["input_ids"]), jax.device_put(batch["attention_mask"])
     runs = []
-    for cfg, params in models:
-        model = build_model(cfg)
+    for loaded in models:
+        model = build_model(loaded.config)
         forward = jax.jit(lambda p, i, m, model=model: model.apply({"params": p}, i, attention_mask=m).logits)
-        params = jax.device_put(params)
+        params = jax.device_put(loaded.params)
         forward(params, ids, mask).block_until_ready()  # compile
         runs.append((forward, params))
     best = [float("inf")] * len(runs)
@@ -90,189 +157,283 @@ def forward_times(
     return best
 
 
-def plot(report: dict[str, Any], teacher_hist: dict, student_hist: dict, path: Path) -> None:
-    """Loss curves of both runs and held-out accuracy, as a PNG (matplotlib, Agg backend)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    t_train = teacher_hist["train"]
-    s_train = student_hist["train"]
-    left.plot(
-        [r["step"] for r in t_train], [r["loss_mlm"] for r in t_train], label="teacher pre-training: L_mlm"
-    )
-    for key, label in (
-        ("loss", "student: total (5 L_ce + 2 L_mlm + L_cos)"),
-        ("loss_ce", "student: L_ce"),
-        ("loss_mlm", "student: L_mlm"),
-        ("loss_cos", "student: L_cos"),
-    ):
-        left.plot([r["step"] for r in s_train], [r[key] for r in s_train], label=label)
-    left.set_xlabel("update")
-    left.set_ylabel("training loss")
-    left.set_yscale("log")
-    left.set_title("training losses")
-    left.legend(fontsize=8)
-    t_eval = [r for r in teacher_hist["eval"] if "student_accuracy" in r]
-    s_eval = [r for r in student_hist["eval"] if "student_accuracy" in r]
-    right.plot(
-        [r["step"] for r in t_eval],
-        [r["student_accuracy"] for r in t_eval],
-        "o-",
-        label="teacher (pre-training)",
-    )
-    right.plot(
-        [r["step"] for r in s_eval],
-        [r["student_accuracy"] for r in s_eval],
-        "o-",
-        label="student (distillation)",
-    )
-    right.axhline(report["teacher"]["accuracy"], color="gray", ls="--", lw=1, label="teacher, final")
-    right.set_xlabel("update")
-    right.set_ylabel("held-out MLM accuracy")
-    right.set_title(f"student keeps {report['retention'] * 100:.1f}% of the teacher's accuracy")
-    right.legend(fontsize=8)
+def demo(options: DemoOptions = DemoOptions()) -> dict[str, Any]:
+    """Runs (or resumes) the demo into ``options.output``; returns the report (also report.json/.png)."""
+    out = Path(options.output).expanduser().absolute()
+    teacher_dir = Path(options.teacher).expanduser().absolute()
+    if not (teacher_dir / "config.json").is_file():
+        raise UserError(f"the teacher {teacher_dir} has no config.json; reinstall jaxdistil (it ships "
+                        "jaxdistil/assets/teacher-pydocs) or pass --teacher DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    # Same-shape runs (the second seed, the MLM-only twin, a rerun) load their compiled programs.
+    cache = out / "xla-cache"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    start = time.perf_counter()
+    stages = Stages(out)
+    data_dir, init_dir = out / "data", out / "copied"
+    kinds = ["distilled", "mlm_only"] + (["random_init"] if options.ablation else [])
+
+    stages.run("data", "the built-in corpus tokenized with the teacher's tokenizer, its held-out documents kept",
+               lambda: prepare(PrepareConfig("builtin:python-docs", str(teacher_dir), data_dir, max_len=MAX_LEN,
+                                             force=True, options=SourceOptions(holdout=HOLDOUT))),
+               data_dir / MANIFEST_NAME)
+    stages.run("copied", f"the student as copied from teacher layers {', '.join(map(str, LAYERS))}",
+               lambda: _copied_student(teacher_dir, init_dir), init_dir / "config.json")
+
+    common = [f"data.dir={data_dir}", f"loader.max_len={MAX_LEN}"]
+    if options.steps:
+        common.append(f"train.steps={options.steps}")
+    for kind in kinds:
+        for seed in options.seeds:
+            name = run_name(kind, seed)
+            over = common + [f"run_dir={out / 'runs' / name}", f"train.seed={seed}"]
+            if kind == "distilled":
+                over += [f"teacher.model={teacher_dir}", f"student.init={init_dir}"]
+            elif kind == "mlm_only":
+                over += ["teacher.model=null", f"student.init={init_dir}", "loss.alpha_ce=0.0", "loss.alpha_cos=0.0"]
+            else:
+                over += [f"teacher.model={teacher_dir}"] + _random_init_overrides(init_dir)
+            cfg = load_run_config(CONFIG, over)
+            stages.run(name, f"{KINDS[kind]}, seed {seed}, {cfg.train.steps} steps",
+                       lambda cfg=cfg: _finished(train(cfg)), out / "runs" / name / "metrics.jsonl")
+
+    models = {"teacher": teacher_dir, "copied": init_dir}
+    models.update({run_name(k, s): out / "runs" / run_name(k, s) for k in kinds for s in options.seeds})
+    ft_over = [f"train.max_len={MAX_LEN}", f"train.epochs={options.finetune_epochs}", "logging.progress=true"]
+    for name, source in models.items():
+        cfg = load_finetune_config(FINETUNE_CONFIG, ft_over + [f"run_dir={out / 'finetune' / name}", f"model={source}"])
+        stages.run(f"finetune-{name}", f"fine-tuning {name} on {cfg.task.name}",
+                   lambda cfg=cfg: _finished(finetune(cfg)), out / "finetune" / name / "metrics.jsonl")
+
+    first = out / "runs" / run_name("distilled", options.seeds[0])
+    if options.export:
+        stages.run("export", "the distilled student as a Hugging Face DistilBertForMaskedLM",
+                   lambda: (out / "export.json").write_text(json.dumps(
+                       dataclasses.asdict(export_model(str(first), out / "student-hf", force=True)), default=str)),
+                   out / "export.json")
+
+    def timing() -> None:
+        batch = next(iter(eval_batches(str(data_dir), LoaderConfig(batch_size=32, max_len=MAX_LEN,
+                                                                    buckets=(MAX_LEN,)))))
+        t, s = forward_times([load_model(str(teacher_dir)), load_model(str(first))], batch)
+        (out / "speed.json").write_text(json.dumps({"teacher_forward_ms": t * 1e3, "student_forward_ms": s * 1e3,
+                                                    "batch": [32, MAX_LEN]}) + "\n")
+
+    stages.run("speed", "forward-pass time of the teacher and the student", timing, out / "speed.json")
+    report = build_report(out, options, kinds, stages, time.perf_counter() - start)
+    plot(report, out, out / "report.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ---- the report: every number from the runs' metrics files (and the demo's speed / export notes)
+
+def _first_eval(records: list[dict], key: str) -> dict:
+    found = next((r for r in records if key in r), None)
+    if found is None:
+        raise UserError(f"no eval record with {key}; delete the run directory and rerun the demo")
+    return found
+
+
+def _mlm_scores(record: dict, prefix: str) -> dict[str, float]:
+    return {"mask_accuracy": record[f"{prefix}_mask_accuracy"], "mask_baseline": record[f"{prefix}_mask_baseline"],
+            "accuracy": record[f"{prefix}_accuracy"], "perplexity": record[f"{prefix}_perplexity"]}
+
+
+def _downstream(run: Path) -> float:
+    return read_metrics(run)["eval"][-1]["accuracy"]
+
+
+def _summary(per_seed: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {"per_seed": per_seed}
+    for key in ("mask_accuracy", "perplexity", "accuracy", "downstream_accuracy"):
+        values = [r[key] for r in per_seed]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_spread"] = max(values) - min(values)  # the range over seeds
+    return out
+
+
+def _compare(a: dict, b: dict, key: str, lower_is_better: bool = False) -> dict[str, Any]:
+    """a's gain over b on ``key`` against the seed spread (the larger range of the two)."""
+    gain = (b[key] - a[key]) if lower_is_better else (a[key] - b[key])
+    spread = max(a.get(f"{key}_spread", 0.0), b.get(f"{key}_spread", 0.0))
+    return {"metric": key, "gain": gain, "spread": spread, "beyond_spread": bool(gain > spread)}
+
+
+def build_report(out: Path, options: DemoOptions, kinds: list[str], stages: Stages, wall: float) -> dict[str, Any]:
+    seeds = list(options.seeds)
+    first = read_metrics(out / "runs" / run_name("distilled", seeds[0]))
+    teacher_eval = _first_eval(first["eval"], "teacher_mask_accuracy")
+    copied_eval = next(r for r in first["eval"] if r["step"] == 0)
+    teacher = {**_mlm_scores(teacher_eval, "teacher"), "downstream_accuracy": _downstream(out / "finetune" / "teacher")}
+    copied = {**_mlm_scores(copied_eval, "student"), "downstream_accuracy": _downstream(out / "finetune" / "copied")}
+    students: dict[str, Any] = {"copied": copied}
+    steps = None
+    for kind in kinds:
+        per_seed = []
+        for seed in seeds:
+            name = run_name(kind, seed)
+            final = read_metrics(out / "runs" / name)["eval"][-1]
+            steps = final["step"]
+            per_seed.append({"seed": seed, "run": f"runs/{name}", "step": final["step"],
+                             **_mlm_scores(final, "student"),
+                             "downstream_accuracy": _downstream(out / "finetune" / name)})
+        students[kind] = _summary(per_seed)
+    for row in students.values():
+        row["retention"] = {"mask_accuracy": row["mask_accuracy"] / teacher["mask_accuracy"],
+                            "downstream_accuracy": row["downstream_accuracy"] / teacher["downstream_accuracy"]}
+    # Every copied-init run starts from the same weights, evaluated on the same masks.
+    starts = [next(r for r in read_metrics(out / "runs" / run_name(k, s))["eval"] if r["step"] == 0)
+              ["student_mask_accuracy"] for k in ("distilled", "mlm_only") for s in seeds]
+    comparisons = {}
+    for other in ("copied", "mlm_only", *(["random_init"] if "random_init" in kinds else [])):
+        comparisons[f"distilled_vs_{other}"] = {
+            key: _compare(students["distilled"], students[other], key, lower_is_better=key == "perplexity")
+            for key in ("mask_accuracy", "perplexity", "downstream_accuracy")}
+    speed = json.loads((out / "speed.json").read_text())
+    export = json.loads((out / "export.json").read_text()) if (out / "export.json").is_file() else None
+    t_model, s_model = load_model(str(Path(options.teacher).expanduser())), load_model(str(out / "copied"))
+    report = {
+        "headline": "",
+        "teacher": {"source": str(options.teacher), "layers": t_model.config.layers, "hidden": t_model.config.hidden,
+                    "params": _count(t_model.params), **teacher},
+        "student_shape": {"architecture": "DistilBERT", "layers": s_model.config.layers,
+                          "hidden": s_model.config.hidden, "params": _count(s_model.params),
+                          "from_teacher_layers": list(LAYERS)},
+        "students": students,
+        "comparisons": comparisons,
+        "copied_init_start_spread": max(starts) - min(starts),
+        "seeds": seeds,
+        "steps": steps,
+        "downstream_task": "builtin:pydocs-topics (8-way: which standard-library area a paragraph documents)",
+        "downstream_majority_baseline": _majority(),
+        "speed": {**speed, "speedup": speed["teacher_forward_ms"] / speed["student_forward_ms"]},
+        "export": (f"{export['output']} (transformers logits match within {export['max_abs_diff']:.1e})"
+                   if export and export.get("verified") else (export or {}).get("note", "skipped")),
+        "machine": {"platform": jax.devices()[0].platform, "devices": jax.device_count(), "cpus": os.cpu_count(),
+                    "processor": _processor()},
+        "stage_seconds": dict(stages.seconds),
+        "reused_stages": list(stages.reused),
+        "wall_time_s": round(wall, 1),
+    }
+    report["headline"] = headline(report)
+    return report
+
+
+def _processor() -> str:
+    try:
+        names = [x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                 if x.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+
+
+def _majority() -> float:
+    from jaxdistil.finetune.tasks import TaskConfig, load_task
+
+    task = load_task(TaskConfig(name="builtin:pydocs-topics"))
+    labels = task.validation["validation"].labels
+    return float(np.bincount(labels).max() / len(labels))
+
+
+def headline(report: dict[str, Any]) -> str:
+    """What was measured, in words: including when distillation does not help."""
+    t, st, cmp = report["teacher"], report["students"], report["comparisons"]
+    d, m, c = st["distilled"], st["mlm_only"], st["copied"]
+    n = len(report["seeds"])
+    lines = [f"Teacher: {t['mask_accuracy']:.1%} top-1 on held-out [MASK] positions, "
+             f"{t['mask_accuracy'] / t['mask_baseline']:.1f}x the most-frequent-token baseline "
+             f"({t['mask_baseline']:.1%})."]
+    verdicts = []
+    for other, row, label in (("mlm_only", m, "the MLM-only student"), ("copied", c, "the copied student")):
+        parts = []
+        for key, name in (("mask_accuracy", "[MASK] accuracy"), ("perplexity", "perplexity"),
+                          ("downstream_accuracy", "downstream accuracy")):
+            x = cmp[f"distilled_vs_{other}"][key]
+            sign = "better" if x["gain"] > 0 else "worse"
+            beyond = "beyond" if x["beyond_spread"] else "within"
+            if key == "perplexity":
+                amount, spread = f"{abs(x['gain']):.2f}", f"{x['spread']:.2f}"
+            else:
+                amount, spread = f"{abs(x['gain']) * 100:.1f} points", f"{x['spread'] * 100:.1f} points"
+            parts.append(f"{name} {sign} by {amount} ({beyond} the seed spread, {spread})")
+        verdicts.append(f"vs {label}: " + "; ".join(parts))
+    helped = all(cmp[f"distilled_vs_{o}"]["mask_accuracy"]["beyond_spread"] for o in ("mlm_only", "copied"))
+    lines.append(
+        f"Distilled student ({report['student_shape']['layers']} of {t['layers']} layers, {report['steps']} updates, "
+        f"{n} seeds): {d['mask_accuracy']:.1%} [MASK] accuracy, perplexity {d['perplexity']:.2f}, downstream "
+        f"{d['downstream_accuracy']:.1%}; MLM-only {m['mask_accuracy']:.1%} / {m['perplexity']:.2f} / "
+        f"{m['downstream_accuracy']:.1%}; copied {c['mask_accuracy']:.1%} / {c['perplexity']:.2f} / "
+        f"{c['downstream_accuracy']:.1%}.")
+    lines += [v[0].upper() + v[1:] + "." for v in verdicts]
+    lines.append(("Distillation helps: " if helped else
+                  "Distillation does not beat both baselines on [MASK] accuracy by more than the seed spread: ")
+                 + f"the distilled student keeps {d['retention']['mask_accuracy']:.1%} of the teacher's [MASK] "
+                 f"accuracy and {d['retention']['downstream_accuracy']:.1%} of its downstream accuracy.")
+    return " ".join(lines)
+
+
+def plot(report: dict[str, Any], out: Path, path: Path) -> None:
+    """Loss curves of the student runs and the comparison as bars (matplotlib, Agg backend)."""
+    fig, (curves, mlm, down) = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = {"distilled": "C0", "mlm_only": "C1", "random_init": "C2"}
+    for kind in (k for k in ("distilled", "mlm_only", "random_init") if k in report["students"]):
+        for row in report["students"][kind]["per_seed"]:
+            train_rows = read_metrics(out / row["run"])["train"]
+            style = "-" if row["seed"] == report["seeds"][0] else ":"
+            curves.plot([r["step"] for r in train_rows], [r["loss_mlm"] for r in train_rows], style,
+                        color=colors[kind], label=f"{kind} L_mlm, seed {row['seed']}")
+    curves.set_xlabel("update")
+    curves.set_ylabel("training L_mlm")
+    curves.set_title("students' masked-LM training loss")
+    curves.legend(fontsize=7)
+    names = ["teacher", *report["students"]]
+    rows = [report["teacher"], *report["students"].values()]
+    for ax, key, title in ((mlm, "mask_accuracy", "held-out [MASK] accuracy"),
+                           (down, "downstream_accuracy", "downstream accuracy (pydocs-topics)")):
+        values = [r[key] for r in rows]
+        errors = [r.get(f"{key}_spread", 0.0) / 2 for r in rows]
+        ax.bar(names, values, yerr=errors, capsize=4, color=["gray", "C4", *[colors.get(n, "C5") for n in names[2:]]])
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        baseline = report["teacher"]["mask_baseline"] if key == "mask_accuracy" else report["downstream_majority_baseline"]
+        ax.axhline(baseline, color="k", ls="--", lw=1, label="most-frequent-token" if key == "mask_accuracy"
+                   else "majority class")
+        ax.set_title(title + " (bars: mean, whiskers: seed range)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def format_report(report: dict[str, Any]) -> str:
-    t, s = report["teacher"], report["student"]
-    init = report.get("student_init")
-    copied = (
-        [f"{'  student as copied':22}{'':>14}{init['accuracy']:>14.4f}"
-         f"  (accuracy before distillation; perplexity {init['perplexity']:.2f})"]
-        if init else []
-    )
-    lines = [
-        f"{'':22}{'teacher':>14}{'student':>14}",
-        f"{'architecture':22}{t['architecture']:>14}{s['architecture']:>14}",
-        f"{'layers':22}{t['layers']:>14}{s['layers']:>14}",
-        f"{'parameters':22}{t['params'] / 1e6:>13.2f}M{s['params'] / 1e6:>13.2f}M",
-        f"{'held-out MLM accuracy':22}{t['accuracy']:>14.4f}{s['accuracy']:>14.4f}",
-        f"{'held-out perplexity':22}{t['perplexity']:>14.2f}{s['perplexity']:>14.2f}",
-        *copied,
-        f"{'forward pass (ms)':22}{t['forward_ms']:>14.1f}{s['forward_ms']:>14.1f}",
-        "",
-        f"retention (student accuracy / teacher accuracy): {report['retention'] * 100:.1f}%",
-        f"inference speed-up of the student: {report['speedup']:.2f}x",
-        f"held-out set: {report['heldout_masked_tokens']:,} masked of {report['heldout_tokens']:,} tokens",
+    """The comparison as a text table, then the headline."""
+    t, st = report["teacher"], report["students"]
+    header = f"{'':14}{'[MASK] acc':>12}{'perplexity':>12}{'downstream':>12}{'keeps (MLM)':>13}{'keeps (down)':>14}"
+    lines = [header, f"{'teacher':14}{t['mask_accuracy']:>12.4f}{t['perplexity']:>12.2f}"
+             f"{t['downstream_accuracy']:>12.4f}{'':>13}{'':>14}"]
+    for name, row in st.items():
+        pm = lambda k, row=row: f"±{row[k + '_spread'] / 2:.3f}" if k + "_spread" in row else ""  # noqa: E731
+        lines.append(f"{name:14}{row['mask_accuracy']:>12.4f}{row['perplexity']:>12.2f}"
+                     f"{row['downstream_accuracy']:>12.4f}{row['retention']['mask_accuracy']:>13.1%}"
+                     f"{row['retention']['downstream_accuracy']:>14.1%}"
+                     + (f"   (seed range {pm('mask_accuracy')} / {pm('downstream_accuracy')})" if pm("mask_accuracy") else ""))
+    lines += [
+        f"most-frequent-token [MASK] baseline {t['mask_baseline']:.4f}; downstream majority class "
+        f"{report['downstream_majority_baseline']:.4f}",
+        f"student: {report['student_shape']['params'] / 1e6:.2f}M params vs teacher {t['params'] / 1e6:.2f}M; "
+        f"forward pass {report['speed']['speedup']:.2f}x faster",
         f"export: {report['export']}",
-        f"wall time: {report['wall_time_s']:.0f} s ("
+        f"wall time {report['wall_time_s']:.0f} s; stages: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in report["stage_seconds"].items())
-        + ")",
+        + (f" (reused: {', '.join(report['reused_stages'])})" if report["reused_stages"] else ""),
+        "",
+        report["headline"],
     ]
     return "\n".join(lines)
-
-
-def demo(
-    output: str | Path = "demo-out",
-    *,
-    teacher_steps: int | None = None,
-    student_steps: int | None = None,
-    export: bool = True,
-) -> dict[str, Any]:
-    """Runs the demo into ``output`` and returns the report (also written to report.json / .png)."""
-    out = Path(output).expanduser().absolute()
-    start = time.perf_counter()
-    seconds: dict[str, float] = {}
-    data_dir, teacher_dir, student_dir = out / "data", out / "teacher", out / "student"
-    common = [f"data.dir={data_dir}", f"loader.max_len={MAX_LEN}"]
-
-    # 1. data
-    t0 = time.perf_counter()
-    if (data_dir / MANIFEST_NAME).is_file():
-        _stage(f"data: reusing {data_dir}")
-    else:
-        _stage("data: the built-in corpus -> WordPiece tokenizer -> tokenized shards")
-        out.mkdir(parents=True, exist_ok=True)
-        prepare(PrepareConfig("builtin:python-docs", f"train:{VOCAB}", data_dir, max_len=MAX_LEN, force=True))
-    seconds["data"] = time.perf_counter() - t0
-
-    # 2. teacher: MLM-only pre-training of a small BERT
-    t0 = time.perf_counter()
-    _stage("teacher: pre-training a 4-layer BERT with the MLM loss")
-    teacher_over = TEACHER_STAGE + common + [f"run_dir={teacher_dir}"]
-    if teacher_steps:
-        teacher_over.append(f"train.steps={teacher_steps}")
-    t_cfg = load_run_config(CONFIG, teacher_over)
-    t_res = train(t_cfg)
-    if t_res.interrupted is not None:
-        raise UserError("the demo was interrupted; run it again to resume")
-    seconds["teacher"] = time.perf_counter() - t0
-
-    # 3. student: distillation from the teacher's layers 0 and 2
-    t0 = time.perf_counter()
-    _stage("student: distilling a 2-layer DistilBERT from teacher layers 0, 2 (5 L_ce + 2 L_mlm + L_cos)")
-    student_over = common + [f"run_dir={student_dir}", f"teacher.model={teacher_dir}"]
-    if student_steps:
-        student_over.append(f"train.steps={student_steps}")
-    s_res = train(load_run_config(CONFIG, student_over))
-    if s_res.interrupted is not None:
-        raise UserError("the demo was interrupted; run it again to resume")
-    seconds["student"] = time.perf_counter() - t0
-
-    # 4. evaluate both on the whole held-out split, same masks
-    t0 = time.perf_counter()
-    _stage("evaluation on held-out text")
-    t_eval = evaluate_model(str(teacher_dir), str(data_dir), batch_size=32, max_len=MAX_LEN)
-    s_eval = evaluate_model(str(student_dir), str(data_dir), batch_size=32, max_len=MAX_LEN)
-    teacher, student = load_model(str(teacher_dir)), load_model(str(student_dir))
-    batch = next(
-        iter(eval_batches(str(data_dir), LoaderConfig(batch_size=32, max_len=MAX_LEN, buckets=(MAX_LEN,))))
-    )
-    t_time, s_time = forward_times(
-        [(teacher.config, teacher.params), (student.config, student.params)], batch
-    )
-    seconds["evaluate"] = time.perf_counter() - t0
-
-    # 5. export the student to Hugging Face format
-    t0 = time.perf_counter()
-    export_note = "skipped"
-    if export:
-        _stage("export: the student as a Hugging Face DistilBertForMaskedLM")
-        rep = export_model(str(student_dir), out / "student-hf", force=True)
-        export_note = (
-            f"{rep.output} (transformers logits match within {rep.max_abs_diff:.1e})"
-            if rep.verified
-            else f"{rep.output} ({rep.note})"
-        )
-        print(export_note)
-    seconds["export"] = time.perf_counter() - t0
-
-    # 6. report
-    def describe(loaded, ev, seconds_):
-        return {
-            "architecture": type(loaded.config).__name__.replace("Config", ""),
-            "layers": loaded.config.layers,
-            "hidden": loaded.config.hidden,
-            "params": int(ev["params"]),
-            "accuracy": ev["accuracy"],
-            "perplexity": ev["perplexity"],
-            "loss": ev["loss"],
-            "forward_ms": seconds_ * 1e3,
-        }
-
-    # The student's run evaluated it at step 0 (teacher layers copied, not yet distilled) on the same
-    # held-out batches and masks as evaluate_model.
-    first = next((r for r in read_metrics(student_dir)["eval"] if r["step"] == 0), None)
-    report = {
-        "teacher": describe(teacher, t_eval, t_time),
-        "student": describe(student, s_eval, s_time),
-        "student_init": (
-            {"accuracy": first["student_accuracy"], "perplexity": first["student_perplexity"]}
-            if first
-            else None
-        ),
-        "retention": s_eval["accuracy"] / max(t_eval["accuracy"], 1e-12),
-        "speedup": t_time / s_time,
-        "heldout_tokens": int(t_eval["tokens"]),
-        "heldout_masked_tokens": int(t_eval["masked_tokens"]),
-        "steps": {"teacher": t_res.step, "student": s_res.step},
-        "export": export_note,
-        "device": f"{jax.devices()[0].platform} x {jax.device_count()}",
-        "output": str(out),
-    }
-    report["stage_seconds"] = seconds
-    report["wall_time_s"] = time.perf_counter() - start
-    plot(report, read_metrics(teacher_dir), read_metrics(student_dir), out / "report.png")
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report

@@ -1,4 +1,4 @@
-"""``jaxdistil demo [--output DIR]``: the whole method end to end on the built-in corpus."""
+"""``jaxdistil demo [--output DIR] [--ablation]``: what distillation buys, end to end on the built-in corpus."""
 
 from __future__ import annotations
 
@@ -6,24 +6,34 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxdistil.demo import demo, format_report
+from jaxdistil.demo import FINETUNE_EPOCHS, SEEDS, TEACHER, DemoOptions, demo, format_report
+from jaxdistil.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo-out", help="directory for data, runs, export and report")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's updates")
-    parser.add_argument("--student-steps", type=int, default=None, help="override the student's updates")
+    parser.add_argument("--ablation", action="store_true",
+                        help="add the paper's random-init row: students distilled from a random init")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                        help="student seeds, comma-separated (at least 2 for a seed spread; default %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="override the students' updates (configs/demo.yaml)")
+    parser.add_argument("--finetune-epochs", type=float, default=FINETUNE_EPOCHS,
+                        help="passes over the downstream task in each fine-tuning (default %(default)s)")
+    parser.add_argument("--teacher", default=str(TEACHER), help="the teacher (default: the shipped one)")
     parser.add_argument("--no-export", action="store_true", help="skip the Hugging Face export")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = demo(
-        args.output,
-        teacher_steps=args.teacher_steps,
-        student_steps=args.student_steps,
-        export=not args.no_export,
-    )
-    print("\n== report (" + str(Path(report["output"]) / "report.json") + ", report.png)")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers, e.g. 56,57") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {args.seeds!r}: give one or more distinct seeds, e.g. 56,57")
+    report = demo(DemoOptions(output=args.output, teacher=args.teacher, seeds=seeds, steps=args.steps,
+                              finetune_epochs=args.finetune_epochs, ablation=args.ablation,
+                              export=not args.no_export))
+    print("\n== report (" + str(Path(args.output).absolute() / "report.json") + ", report.png)")
     print(format_report(report))
     sys.stdout.flush()
     return 0

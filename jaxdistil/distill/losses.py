@@ -508,6 +508,7 @@ def _as_head(head: Head | tuple) -> tuple[Callable, Any]:
     return (lambda _, h: head(h)), {}
 
 
+@jax.named_scope("loss")  # labels the compiled ops (profiles: benchmarks/trace_summary.py)
 def loss_sums(
     student_hidden: jax.Array,
     teacher_hidden: jax.Array | None,
@@ -549,23 +550,6 @@ def loss_sums(
       (0 unless alpha_mse > 0), "mlm_correct", and the counts of ``loss_counts``. Without a
       teacher, ce/cos/mse sums are 0.
     """
-    with jax.named_scope("loss"):  # labels the compiled ops (profiles)
-        return _loss_sums(student_hidden, teacher_hidden, student_head, teacher_head, labels, attention_mask,
-                          cfg, max_rows, weights, cos_hidden)
-
-
-def _loss_sums(
-    student_hidden: jax.Array,
-    teacher_hidden: jax.Array | None,
-    student_head: Head | tuple,
-    teacher_head: Head | None,
-    labels: jax.Array,
-    attention_mask: jax.Array,
-    cfg: LossConfig,
-    max_rows: int | None = None,
-    weights: dict[str, jax.Array] | None = None,
-    cos_hidden: jax.Array | None = None,
-) -> dict[str, jax.Array]:
     if student_hidden.ndim != 3:
         raise UserError(f"loss_sums expects student hidden states [B, T, D], got shape {student_hidden.shape}")
     cos_in = student_hidden if cos_hidden is None else cos_hidden
