@@ -167,7 +167,7 @@ def test_config_mismatch_reports_shapes(hf_dirs, tmp_path):
 @pytest.mark.parametrize("update,needle", [
     ({"architectures": ["BertForQuestionAnswering"]},
      "architecture BertForQuestionAnswering is not supported"),
-    ({"model_type": "roberta"}, "model_type 'roberta' is not supported"),
+    ({"model_type": "xlnet"}, "model_type 'xlnet' is not supported"),
     ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
     ({"hidden_act": "silu"}, "activation 'silu'"),
 ])

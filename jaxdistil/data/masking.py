@@ -155,7 +155,7 @@ def causal_labels(input_ids: jax.Array, attention_mask: jax.Array, segment_ids: 
     """Next-token labels for causal-LM training (GPT-2), aligned with the logits: [B, T] int32.
 
     ``labels[:, t] = input_ids[:, t + 1]`` where positions t and t + 1 are both real tokens (and, for
-    packed rows, of the same segment); IGNORE_INDEX elsewhere, and at the last position. The loss on
+    packed rows, of the same non-padding segment); IGNORE_INDEX elsewhere, and at the last position. The loss on
     these labels is the reference's ``cross_entropy(logits[:, :-1], lm_labels[:, 1:])`` with
     ``lm_labels`` = ids, -100 at padding; kept at full length so every loss sees [B, T] rows.
     """
@@ -165,6 +165,6 @@ def causal_labels(input_ids: jax.Array, attention_mask: jax.Array, segment_ids: 
     ok = real & jnp.roll(real, -1, axis=1)
     if segment_ids is not None:
         seg = jnp.asarray(segment_ids)
-        ok = ok & (seg == jnp.roll(seg, -1, axis=1))
+        ok = ok & (seg > 0) & (seg == jnp.roll(seg, -1, axis=1))  # segment 0 is padding
     ok = ok.at[:, -1].set(False)
     return jnp.where(ok, nxt, IGNORE_INDEX).astype(jnp.int32)
