@@ -79,11 +79,6 @@ def check_report(report: dict, root: Path) -> None:
             spread = max(d.get(f"{key}_spread", 0.0), other.get(f"{key}_spread", 0.0))
             assert x["gain"] == pytest.approx(gain) and x["spread"] == pytest.approx(spread)
             assert x["beyond_spread"] == (gain > spread)
-    # The copied-init runs all start from the same weights on the same masks.
-    starts = [next(r for r in _evals(root / "runs" / f"{k}-s{s}") if r["step"] == 0)["student_mask_accuracy"]
-              for k in ("distilled", "mlm-only") for s in seeds]
-    assert report["copied_init_start_spread"] == pytest.approx(max(starts) - min(starts))
-    assert report["copied_init_start_spread"] < 1e-6
     # The headline states the measured figures, and says when distillation does not help.
     helped = all(report["comparisons"][f"distilled_vs_{o}"]["mask_accuracy"]["beyond_spread"]
                  for o in ("mlm_only", "copied"))
