@@ -96,7 +96,8 @@ def test_committed_sample_report_is_its_runs_metrics():
     assert (SAMPLE / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     t = report["teacher"]
     assert t["mask_accuracy"] >= 3 * t["mask_baseline"]
-    assert report["wall_time_s"] <= 15 * 60
+    assert report["wall_time_s"] <= 15 * 60 and report["stage_seconds_total"] <= 15 * 60
+    assert report["stage_seconds_total"] == pytest.approx(sum(report["stage_seconds"].values()), abs=0.1)
 
 
 def test_shipped_teacher_uses_context_in_transformers():
