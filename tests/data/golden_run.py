@@ -88,12 +88,19 @@ def losses(run_dir: Path) -> list[dict]:
 def environment() -> dict:
     import jax
 
-    cpu = platform.processor()
+    import hashlib
+
+    # The CPU's name and its feature flags: hosts named alike ("AMD EPYC") can be different
+    # microarchitectures, whose XLA kernels sum in another order (not bit for bit).
+    cpu, flags = platform.processor(), ""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        lines = open("/proc/cpuinfo").read().splitlines()
+        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+        flags = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "jax": jax.__version__, "devices": jax.device_count()}
+    return {"cpu": cpu, "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16], "jax": jax.__version__,
+            "devices": jax.device_count()}
 
 
 def record() -> None:
