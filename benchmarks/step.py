@@ -291,18 +291,18 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
                    mask_id: int | None = MASK_ID):
     """jaxdistil's own train step (``jaxdistil.distill.builder.DistillStep``) on one device.
 
-    Returns (jitted step, student TrainState, (teacher params, batch, token weights)); call
+    Returns (jitted step, student TrainState, (batch, consts)); call
     ``step(state, *rest) -> (state, metrics)``. Same recipe as the PyTorch side: triple loss over
     all attention-mask rows (L_clm instead of L_mlm for a causal student), AdamW (0.9, 0.98, eps
     1e-6), clipping at 5, warm-up then decay.
     """
     import jax
 
-    from jaxdistil.distill import sharding as shd
     from jaxdistil.distill.builder import DistillStep, StepSpec
+    from jaxdistil.distill.objective import StepConfig
     from jaxdistil.distill.losses import LossConfig
-    from jaxdistil.distill.optim import OptimConfig
-    from jaxdistil.distill.step import StepConfig
+    from jaxdistil.training import sharding as shd
+    from jaxdistil.training.optim import OptimConfig
 
     if not dropout:
         student_cfg = _no_dropout(student_cfg)
@@ -317,7 +317,7 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
     built = DistillStep(StepSpec(student_cfg, teacher_cfg, cfg, shd.MeshConfig(data=1)), devices=jax.devices()[:1])
     state = built.init_state(jax.random.PRNGKey(1))
     t_params = built.random_teacher(jax.random.PRNGKey(0))
-    return built.train_step, state, (t_params, built.shard_batch(batch), built.replicate(token_weights))
+    return built.train_step, state, (built.shard_batch(batch), built.consts(t_params, token_weights))
 
 
 def _no_dropout(cfg):

@@ -1,27 +1,25 @@
-"""Run configuration: one typed, nested dataclass read from YAML, with ``key=value`` overrides.
+"""Configuration machinery: typed, nested dataclasses read from YAML, with ``key=value`` overrides.
 
-Each concept owns its section, defined next to the code that uses it:
+Every run kind has one config dataclass made of sections, each defined next to the code that uses
+it: the distillation run (``jaxdistil.distill.config.RunConfig``), the fine-tuning run
+(``jaxdistil.finetune.config.FinetuneConfig``). This module turns plain data into them:
 
-  teacher, student, data, train, logging   here (what a run is made of)
-  loader       jaxdistil.data.loader.LoaderConfig        batch size, max length, buckets, packing
-  masking      jaxdistil.data.masking.MaskingConfig      MLM masking proportions and smoothing
-  loss         jaxdistil.distill.losses.LossConfig       temperature and the alphas
-  optim        jaxdistil.distill.optim.OptimConfig       AdamW, clipping, schedule, accumulation
-  mesh         jaxdistil.distill.sharding.MeshConfig     data / fsdp / tensor sizes
-  checkpoint   jaxdistil.checkpoint.CheckpointConfig     save interval, how many to keep
-  distributed  jaxdistil.distributed.DistributedConfig   multi-process runs (``distributed: auto``)
+  build_section(cls, data)    the dataclass from nested dicts; unknown keys and values of the wrong
+                              type raise ``UserError`` naming the key; a section's own
+                              ``__post_init__`` checks run as the section is built
+  apply_overrides(data, ["optim.learning_rate=1e-3"])   dotted paths, values parsed as YAML
+  read_yaml(path_or_name)     a YAML file, or a config shipped with the package, found by name
+  dump_config(cfg, path)      the resolved config as YAML that loads back to an equal object
 
-``load_run_config("configs/tiny.yaml", ["train.steps=20", "optim.learning_rate=1e-3"])`` reads the
-YAML, applies the overrides (dotted paths; values parsed as YAML), and builds the dataclasses.
-Unknown keys and values of the wrong type raise ``UserError`` naming the key; a section's own
-``__post_init__`` checks (e.g. masking fractions summing to 1) run as the section is built.
-``dump_run_config`` writes the resolved config back as YAML that loads to the same object.
+Shipped configs live in ``configs/`` of the source tree and in the installed package
+(``jaxdistil/configs``, package data): ``--config distilbert-base-uncased`` and
+``--config configs/distilbert-base-uncased.yaml`` name the same file wherever the command runs.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import importlib.resources
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -30,123 +28,7 @@ from typing import Any
 
 import yaml
 
-from jaxdistil.checkpoint import CheckpointConfig
-from jaxdistil.data.loader import LoaderConfig
-from jaxdistil.data.masking import MaskingConfig
-from jaxdistil.distill.losses import LossConfig
-from jaxdistil.distill.optim import OptimConfig
-from jaxdistil.distill.sharding import MeshConfig
-from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
-from jaxdistil.models import COMPUTE_DTYPES
-from jaxdistil.models.configs import CONFIG_CLASSES
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherConfig:
-    """The frozen teacher.
-
-    model: a Hugging Face model dir, a Flax model dir, a jaxdistil run dir or a hub id;
-      None = no teacher: the student is trained with the MLM loss alone (pre-training).
-    """
-
-    model: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class StudentConfig:
-    """The model being trained.
-
-    init: "teacher" (copy ``layers`` of the teacher, see jaxdistil.init_student), "random", or a
-      path / hub id of a model to start from (Flax model dir, HF dir, run dir).
-    layers: teacher layers the student keeps (init=teacher).
-    model_type: "distilbert", "bert", "roberta" or "gpt2" (init=random; a teacher-initialised
-      student has the teacher's architecture, DistilBERT for a BERT teacher).
-    config: Hugging Face config.json fields. init=random: the student's shape (vocab_size and
-      pad_token_id default to the data's tokenizer, other missing fields to transformers'
-      defaults); init=teacher: non-shape fields such as dropout.
-    vocab_transform: init=teacher copies the MLM head's transform dense (else random).
-    fold_token_types: init=teacher folds the teacher's token_type_embeddings[0] into the position
-      embeddings (exact on token-type-0 input) instead of dropping them as the reference does.
-    freeze_pos_embs: the position table gets no update and no optimizer state (the reference's
-      --freeze_pos_embs; a DistilBERT config with sinusoidal_pos_embds freezes it too).
-    freeze_token_type_embds: the same for the token-type table (students that have one: BERT).
-    """
-
-    init: str = "teacher"
-    layers: tuple[int, ...] = (0, 2, 4, 7, 9, 11)
-    model_type: str = "distilbert"
-    config: dict = dataclasses.field(default_factory=dict)
-    vocab_transform: bool = True
-    fold_token_types: bool = True
-    freeze_pos_embs: bool = False
-    freeze_token_type_embds: bool = False
-
-    def __post_init__(self) -> None:
-        if self.model_type not in CONFIG_CLASSES:
-            raise UserError(f"student.model_type must be one of {', '.join(CONFIG_CLASSES)}, got {self.model_type!r}")
-        cls = CONFIG_CLASSES[self.model_type]
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in self.config.items():
-            if key not in known:
-                raise UserError(
-                    f"unknown config key 'student.config.{key}': not a {cls.__name__} field "
-                    f"(known: {', '.join(sorted(known))})"
-                )
-            kind = type(known[key].default)  # the HF fields are plain int / float / str / bool
-            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-            ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
-            if not ok:
-                raise UserError(f"config key 'student.config.{key}' should be {kind.__name__}, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Tokenised data written by ``jaxdistil prepare``.
-
-    dir: the prepared data directory (its manifest, shards, token counts and tokenizer).
-    """
-
-    dir: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The loop.
-
-    steps: optimizer updates; 0 = derive from ``epochs`` and the data size.
-    epochs: passes over the training data when steps = 0.
-    seed: seeds init, masking and dropout (the data order has its own ``loader.seed``).
-    eval_every: held-out evaluation at step 0 (fresh runs), every N steps and at the end; 0 = at the
-      end only; -1 = never. The teacher is evaluated once, at the first evaluation.
-    eval_batches: held-out batches per evaluation; 0 = the whole held-out split.
-    log_every: metrics (loss, lr, grad norm, tokens/s...) every N steps.
-    dtype: compute dtype of both models (float32, bfloat16); params and optimizer state stay float32.
-    remat: recompute each layer's activations in the backward pass (less memory, ~30% more compute).
-    compile_cache: directory of JAX's persistent compilation cache (a restarted run loads its compiled
-      step instead of compiling again); null = off.
-    eval_mask_only: also score the held-out split with every chosen position replaced by [MASK]
-      ("mask_accuracy") and the most-frequent-token baseline there ("mask_baseline").
-    """
-
-    steps: int = 0
-    epochs: float = 3.0
-    seed: int = 56
-    eval_every: int = 0
-    eval_batches: int = 0
-    log_every: int = 10
-    dtype: str = "float32"
-    remat: bool = False
-    compile_cache: str | None = None
-    eval_mask_only: bool = False
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.epochs <= 0 and self.steps == 0:
-            raise UserError("train.steps must be >= 0 and, when it is 0, train.epochs must be > 0")
-        if self.eval_every < -1 or self.eval_batches < 0 or self.log_every < 1:
-            raise UserError("train.eval_every must be >= -1, train.eval_batches >= 0, train.log_every >= 1")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise UserError(f"train.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,25 +43,6 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True
     peak_tflops: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything a run needs; ``run_dir`` receives checkpoints, logs and the resolved config."""
-
-    run_dir: str = "runs/default"
-    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
-    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
-    masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 # --------------------------------------------------------------------------- building from dicts
@@ -338,11 +201,41 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
+def shipped_configs() -> Path:
+    """The directory of the configs shipped with the package (``configs/`` of the source tree)."""
+    try:
+        return Path(str(importlib.resources.files("jaxdistil.configs")))
+    except ModuleNotFoundError:  # the source tree on sys.path, not installed
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the shipped configs (``tiny``, ``finetune/glue``, ...)."""
+    root = shipped_configs()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The YAML file a ``--config`` argument names: a file that exists, else a shipped config by
+    name (``tiny``, ``finetune/glue``) or by its path in the source tree (``configs/tiny.yaml``)."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    name = str(path)
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    name = name[:-len(".yaml")] if name.endswith(".yaml") else name
+    shipped = shipped_configs() / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise UserError(f"config file {path} does not exist; pass a YAML file or a shipped config by name "
+                    f"({', '.join(shipped_config_names())})")
+
+
 def read_yaml(path: str | Path) -> dict:
-    """The YAML mapping at ``path`` ({} for an empty file); one-line UserError when unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass e.g. --config configs/tiny.yaml")
+    """The YAML mapping at ``path`` or of the shipped config it names ({} for an empty file);
+    one-line UserError when unusable."""
+    path = resolve_config(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -358,19 +251,8 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RunConfig:
-    """RunConfig from nested plain data plus ``key=value`` overrides."""
-    data = apply_overrides(copy.deepcopy(dict(data)), overrides)
-    return build_section(RunConfig, data)
-
-
-def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
-    """Reads a run config YAML (``None`` = all defaults) and applies the overrides."""
-    return config_from_dict(read_yaml(path) if path is not None else {}, overrides)
-
-
-def dump_run_config(cfg: RunConfig, path: str | Path | None = None) -> str:
-    """The config as YAML text (written to ``path`` when given); loads back to an equal config."""
+def dump_config(cfg: Any, path: str | Path | None = None) -> str:
+    """A config dataclass as YAML text (written to ``path`` when given); loads back to an equal config."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
     if path is not None:
         Path(path).write_text(text)

@@ -39,26 +39,25 @@ import jax
 import matplotlib
 import numpy as np
 
-from jaxdistil.config import load_run_config
 from jaxdistil.data.corpus import SourceOptions
 from jaxdistil.data.loader import LoaderConfig, eval_batches
 from jaxdistil.data.manifest import MANIFEST_NAME
 from jaxdistil.data.prepare import PrepareConfig, prepare
+from jaxdistil.distill.config import load_run_config
 from jaxdistil.errors import UserError
 from jaxdistil.finetune.config import load_finetune_config
 from jaxdistil.finetune.run import finetune
 from jaxdistil.hf import export_model, load_model, save_flax_model
-from jaxdistil.metrics import read_metrics
 from jaxdistil.models import DistilBertConfig, build_model
 from jaxdistil.students import student_from_teacher, trained_params
 from jaxdistil.train import train
+from jaxdistil.training.metrics import read_metrics
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "demo.yaml"
-FINETUNE_CONFIG = REPO / "configs" / "finetune" / "pydocs-topics.yaml"
+CONFIG = "demo"  # configs/demo.yaml, shipped with the package (jaxdistil.config.resolve_config)
+FINETUNE_CONFIG = "finetune/pydocs-topics"
 TEACHER = Path(str(importlib.resources.files("jaxdistil") / "assets" / "teacher-pydocs"))
 MAX_LEN = 64  # the students' sequences (the teacher was pre-trained on 128)
 HOLDOUT = 0.1  # the teacher's pre-training split: its held-out documents are ours
@@ -297,7 +296,7 @@ def build_report(out: Path, options: DemoOptions, kinds: list[str], stages: Stag
     t_model, s_model = load_model(str(Path(options.teacher).expanduser())), load_model(str(out / "copied"))
     report = {
         "headline": "",
-        "teacher": {"source": _shown(Path(options.teacher), REPO), "layers": t_model.config.layers, "hidden": t_model.config.hidden,
+        "teacher": {"source": _shown(Path(options.teacher), TEACHER.parents[2]), "layers": t_model.config.layers, "hidden": t_model.config.hidden,
                     "params": _count(t_model.params), **teacher},
         "student_shape": {"architecture": "DistilBERT", "layers": s_model.config.layers,
                           "hidden": s_model.config.hidden, "params": _count(s_model.params),

@@ -42,7 +42,6 @@ from typing import Any
 
 import jax
 import numpy as np
-
 from jax._src import distributed as jax_distributed  # the coordination service client (no public API)
 from jax.experimental import multihost_utils
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,8 +32,16 @@ import numpy as np
 
 from jaxdistil.data import manifest as manifest_lib
 from jaxdistil.errors import UserError
-from jaxdistil.hf import LoadedModel, load_model
-from jaxdistil.models import BertConfig, DistilBertConfig, GPT2Config, ModelConfig, RobertaConfig, config_from_hf_dict
+from jaxdistil.hf import LoadedModel
+from jaxdistil.hf.load import load_model_arg
+from jaxdistil.models import (
+    BertConfig,
+    DistilBertConfig,
+    GPT2Config,
+    ModelConfig,
+    RobertaConfig,
+    config_from_hf_dict,
+)
 from jaxdistil.models.configs import ConfigError
 
 PAPER_LAYERS = (0, 2, 4, 7, 9, 11)
@@ -201,14 +208,6 @@ def student_from_teacher(
     return cfg, {"embeddings": embeddings, "encoder": encoder, "mlm_head": mlm_head}, notes
 
 
-def load_model_arg(source: str, step: int | None = None) -> LoadedModel:
-    """``load_model(source)`` with a one-line error for a local path that does not exist."""
-    looks_local = source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().exists():
-        raise UserError(f"teacher directory {source} does not exist; pass a model directory or a hub id")
-    return load_model(str(Path(source).expanduser()) if looks_local else source, step=step)
-
-
 def trained_params(loaded: LoadedModel) -> dict:
     """A loaded model's params without the placeholder MLM head that ``load_model`` gives
     encoder-only checkpoints (``BertModel``): what may be copied into a student."""
@@ -222,7 +221,7 @@ def resolve_teacher(cfg: Any, manifest: dict) -> LoadedModel | None:
     data's vocabulary and tokenizer."""
     if cfg.teacher.model is None:
         return None
-    teacher = load_model_arg(cfg.teacher.model)
+    teacher = load_model_arg(cfg.teacher.model, what="teacher directory")
     manifest_lib.check_model_vocab(manifest, teacher, what=f"the teacher {cfg.teacher.model}")
     if not teacher.has_mlm_head and cfg.loss.alpha_ce > 0:
         print(

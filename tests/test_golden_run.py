@@ -1,6 +1,6 @@
 """Behaviour unchanged across refactors: a fixed tiny distillation run against its recording.
 
-``tests/data/golden_run.py`` builds the run from fixed inputs; ``tests/data/golden/`` holds what the
+``tests/fixtures/golden_run.py`` builds the run from fixed inputs; ``tests/fixtures/golden/`` holds what the
 code of the recording wrote: the per-step losses and metrics (``metrics.jsonl``) and the run's
 checkpoints (``run/``). On the CPU model and JAX version of the recording the losses must be equal
 bit for bit; elsewhere (other CPUs round matmuls differently) within 1e-5.
@@ -17,10 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
-import golden_run  # noqa: E402
+import golden_run  # tests/fixtures/ is on pytest's pythonpath (pyproject.toml)
 
-from jaxdistil.config import config_from_dict  # noqa: E402
+from jaxdistil.distill.config import config_from_dict  # noqa: E402
 from jaxdistil.hf import load_model  # noqa: E402
 from jaxdistil.train import train  # noqa: E402
 

@@ -20,11 +20,11 @@ import pytest
 
 from jaxdistil import cli
 from jaxdistil.data.masking import IGNORE_INDEX, causal_labels
-from jaxdistil.distill import sharding as shd
+from jaxdistil.training import sharding as shd
 from jaxdistil.distill import step as stp
 from jaxdistil.distill.builder import DistillStep, StepSpec
 from jaxdistil.distill.losses import LossConfig, combine_losses, loss_counts, loss_sums, plain_loss_sums
-from jaxdistil.distill.optim import OptimConfig
+from jaxdistil.training.optim import OptimConfig
 from jaxdistil.errors import UserError
 from jaxdistil.hf import load_model
 from jaxdistil.hf.export import export_hf
@@ -329,7 +329,7 @@ def test_narrow_student_distils_through_a_projection():
 def test_narrow_student_run_exports_without_the_projection(tmp_path):
     """train() with a narrower random student and loss.cos_projection=linear: the checkpoint holds the
     projection, the export and load_model of the run do not."""
-    from jaxdistil.config import config_from_dict
+    from jaxdistil.distill.config import config_from_dict
     from jaxdistil.data.corpus import SourceOptions
     from jaxdistil.data.manifest import load_manifest, tokenizer_dir
     from jaxdistil.data.prepare import PrepareConfig, prepare
@@ -465,7 +465,7 @@ def test_student_of_all_teacher_layers_is_the_teacher(kind):
 
 
 def test_recipe_configs_and_lm_kind_errors():
-    from jaxdistil.config import load_run_config
+    from jaxdistil.distill.config import load_run_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     roberta = load_run_config(root / "distilroberta-base.yaml")

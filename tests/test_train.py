@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from jaxdistil import cli
-from jaxdistil.config import config_from_dict, dump_run_config, load_run_config
+from jaxdistil.distill.config import config_from_dict, dump_run_config, load_run_config
 from jaxdistil.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_reference_run_writes_everything(ref_run):
     result = ref_run["result"]
     assert result.step == STEPS and result.interrupted is None and result.teacher_eval
     # Distillation from the teacher's own layer: the student starts close to the teacher.
-    from jaxdistil.checkpoint import restore_params
+    from jaxdistil.hf.load import restore_run_params as restore_params
 
     step, cfg, params = restore_params(run)
     assert (
@@ -465,7 +465,7 @@ def test_mlm_only_random_bert(ref_run, tmp_path):
 
 
 def _opt_state_paths(run: Path, step: int) -> list[str]:
-    from jaxdistil.checkpoint import RunCheckpointer
+    from jaxdistil.training.checkpoint import RunCheckpointer
 
     ckpt = RunCheckpointer(run, read_only=True)
     meta = ckpt.manager.item_metadata(step)["opt_state"]
@@ -513,7 +513,7 @@ def test_frozen_token_types(ref_run, tmp_path, capsys):
                 loss={"alpha_ce": 0.0, "alpha_cos": 0.0, "alpha_mlm": 1.0},
                 train={"steps": 10, "eval_every": -1}, checkpoint={"every": 1, "keep": 20})
     train(config_from_dict(raw), log=lambda *a: None)
-    from jaxdistil.checkpoint import restore_params
+    from jaxdistil.hf.load import restore_run_params as restore_params
 
     _, _, first = restore_params(tmp_path / "tt", 1)
     _, _, last = restore_params(tmp_path / "tt", 10)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxdistil.errors import UserError
 from jaxdistil.commands import export, import_model
+from jaxdistil.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxdistil.evaluation import evaluate_model
+from jaxdistil.distill.evaluation import evaluate_model
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="run dir, Flax model dir, Hugging Face dir or hub id")

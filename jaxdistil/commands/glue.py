@@ -8,7 +8,7 @@ from pathlib import Path
 from jaxdistil.finetune.glue import glue, markdown_table
 from jaxdistil.finetune.tasks import GLUE
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "glue.yaml"
+DEFAULT_CONFIG = "finetune/glue"  # configs/finetune/glue.yaml, shipped with the package
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    config = args.config or DEFAULT_CONFIG
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = glue(args.model, tasks, args.output, args.compare, config, args.overrides)
     print(markdown_table(report), end="")

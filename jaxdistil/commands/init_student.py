@@ -11,7 +11,8 @@ import numpy as np
 
 from jaxdistil.errors import UserError
 from jaxdistil.hf import save_flax_model
-from jaxdistil.students import PAPER_LAYERS, load_model_arg, student_from_teacher, trained_params
+from jaxdistil.hf.load import load_model_arg
+from jaxdistil.students import PAPER_LAYERS, student_from_teacher, trained_params
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

@@ -118,10 +118,10 @@ def run(args: argparse.Namespace) -> int:
     # Imported only now: --host-devices must set XLA_FLAGS before JAX starts.
     import jax
 
-    from jaxdistil.config import load_run_config
-    from jaxdistil.distill.sharding import MeshConfig
+    from jaxdistil.distill.config import load_run_config
     from jaxdistil.study.report import print_table
     from jaxdistil.study.study import describe_models, run_study, setup_from_run_config, write_outputs
+    from jaxdistil.training.sharding import MeshConfig
 
     devices = jax.devices("cpu") if args.host_devices is not None else jax.devices()
     n = len(devices)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxdistil.config import load_run_config
+from jaxdistil.distill.config import load_run_config
 from jaxdistil.train import train
 
 

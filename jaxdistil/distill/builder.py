@@ -1,6 +1,8 @@
-"""The one place a distillation step is built: models, mesh, rules, optimizer, state, step functions.
+"""The one place a distillation step is built: models, mesh, rules, the objective on the step template.
 
-``DistillStep(StepSpec(...))`` is what ``train``, the shard study and the benchmark run:
+``DistillStep(StepSpec(...))`` is what ``train``, ``evaluate``, the shard study, the benchmark and
+the tests run (the step template itself, ``jaxdistil.training.step.TrainStep``, also serves the
+classifier step of fine-tuning):
 
   spec.student / spec.teacher   model configs (shapes); the teacher None for MLM-only training
   spec.step                     StepConfig: loss, masking, optim (with total_steps), dtype, ...
@@ -8,13 +10,15 @@
 
   built.mesh, built.rules                      the device mesh and the logical-axis rules table
   built.student, built.teacher                 Flax modules in the compute dtype
+  built.objective                              the DistillObjective the template runs
   built.optimizer, built.schedule              the AdamW chain and its learning rate
   built.abstract_state, built.state_shardings  TrainState of ShapeDtypeStructs / NamedShardings
-  built.train_step                             jitted (state, teacher params, batch, weights) -> (state, metrics)
+  built.train_step                             jitted (state, batch, consts) -> (state, metrics)
+  built.consts(teacher_params, token_weights)  the step's consts, placed
   built.eval_step(model)                       jitted held-out scoring of "student" or "teacher"
   built.init_state / place_teacher / random_teacher / shard_batch / replicate
 
-``run_step_spec`` reads a spec from a run config (``jaxdistil.config.RunConfig``).
+``run_step_spec`` reads a spec from a run config (``jaxdistil.distill.config.RunConfig``).
 """
 
 from __future__ import annotations
@@ -27,13 +31,12 @@ import jax
 import numpy as np
 
 from jaxdistil.data.masking import MaskingConfig
-from jaxdistil.distill import sharding as shd
-from jaxdistil.distill.optim import frozen_param_paths, make_optimizer
-from jaxdistil.distill.step import (
-    StepConfig, TrainState, abstract_train_state, build_models, init_train_state, make_eval_step,
-    make_train_step)
+from jaxdistil.distill.objective import DistillObjective, StepConfig, build_models, eval_sums
 from jaxdistil.errors import UserError
-from jaxdistil.models import ModelConfig, init_params
+from jaxdistil.models import ModelConfig, frozen_param_paths, init_params
+from jaxdistil.training import sharding as shd
+from jaxdistil.training.state import TrainState
+from jaxdistil.training.step import TrainStep, make_eval_step
 
 PyTree = Any
 
@@ -86,27 +89,26 @@ class DistillStep:
         self.mesh = shd.make_mesh(spec.mesh, devices)
         self.rules = shd.make_rules(spec.mesh.rules)
         self.student, self.teacher = build_models(spec.step, spec.student, spec.teacher)
-        self.optimizer, self.schedule = make_optimizer(spec.step.optim, model_cfg=spec.student,
-                                                       frozen=spec.step.frozen)
-        self.abstract_state, self.state_shardings = abstract_train_state(
-            self.student, self.optimizer, self.mesh, self.rules, spec.strict, projection=spec.step.projection)
+        self.objective = DistillObjective(self.student, self.teacher, spec.step)
         self.teacher_shardings = None
         if self.teacher is not None:
             self.teacher_shardings = shd.param_shardings(self.teacher, self.mesh, self.rules,
                                                          strict=spec.strict)
-        self.train_step = make_train_step(
-            self.student, self.teacher, spec.step, self.optimizer, self.schedule, self.mesh, self.rules,
-            self.state_shardings, self.teacher_shardings,
-            compiler_options=dict(spec.compiler_options) if spec.compiler_options else None)
+        frozen = tuple(dict.fromkeys(frozen_param_paths(spec.student) + spec.step.frozen))
+        self.core = TrainStep(self.student, self.objective, spec.step.optim, self.mesh, self.rules, frozen=frozen,
+                              const_shardings={"teacher": self.teacher_shardings,
+                                               "token_weights": shd.replicated(self.mesh)},
+                              strict=spec.strict, compiler_options=spec.compiler_options)
+        self.optimizer, self.schedule = self.core.optimizer, self.core.schedule
+        self.abstract_state, self.state_shardings = self.core.abstract_state, self.core.state_shardings
+        self.train_step = self.core.train_step
         self._eval_steps: dict[tuple, Any] = {}
 
     # -- state and parameters
     def init_state(self, rng: jax.Array, params: PyTree | None = None) -> TrainState:
         """The initial TrainState, born sharded: ``params`` placed by the rules (e.g. a student
         copied from teacher layers) or drawn at random from ``rng``."""
-        state, _ = init_train_state(self.student, rng, self.optimizer, self.mesh, self.rules, params=params,
-                                    strict=self.spec.strict, projection=self.spec.step.projection)
-        return state
+        return self.core.init_state(rng, params)
 
     def place_teacher(self, params: PyTree) -> PyTree:
         """The teacher's (unboxed, host) params placed by the rules."""
@@ -115,6 +117,10 @@ class DistillStep:
     def random_teacher(self, rng: jax.Array) -> PyTree:
         """A randomly initialised teacher, born sharded (for studies and benchmarks of the step)."""
         return jax.jit(lambda r: init_params(self.teacher, r), out_shardings=self.teacher_shardings)(rng)
+
+    def consts(self, teacher_params: PyTree | None, token_weights: Any) -> dict[str, Any]:
+        """The train step's consts: the placed teacher params (or None) and the [V] masking weights."""
+        return {"teacher": teacher_params, "token_weights": self.replicate(token_weights)}
 
     # -- data
     def shard_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -126,12 +132,15 @@ class DistillStep:
     # -- evaluation
     def eval_step(self, which: str = "student", masking: MaskingConfig | None = None,
                   baseline_id: int | None = None):
-        """The jitted held-out scoring of the student's or the teacher's params (``make_eval_step``),
-        with ``masking`` (default: the step's); built once per (model, masking, baseline)."""
+        """The jitted held-out scoring ``(params, batch, token_weights, rng) -> sums`` of the student's
+        or the teacher's params (``objective.eval_sums``), with ``masking`` (default: the step's);
+        built once per (model, masking, baseline)."""
         key = (which, masking or self.spec.step.masking, baseline_id)
         if key not in self._eval_steps:
             model = self.student if which == "student" else self.teacher
             shardings = self.state_shardings.params if which == "student" else self.teacher_shardings
             cfg = dataclasses.replace(self.spec.step, masking=key[1])
-            self._eval_steps[key] = make_eval_step(model, cfg, self.mesh, self.rules, shardings, baseline_id)
+            repl = shd.replicated(self.mesh)
+            self._eval_steps[key] = make_eval_step(eval_sums(model, cfg, baseline_id), self.mesh, self.rules,
+                                                   (shardings, shd.batch_sharding(self.mesh), repl, repl))
         return self._eval_steps[key]

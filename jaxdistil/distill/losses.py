@@ -47,12 +47,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from jaxdistil.data.masking import IGNORE_INDEX
-from jaxdistil.distill.sharding import BATCH_AXES
 from jaxdistil.errors import UserError
+from jaxdistil.training.sharding import BATCH_AXES
 
 Head = Callable[[jax.Array], jax.Array]  # hidden [N, D] -> logits [N, V]
 # torch.nn.functional.cosine_embedding_loss adds this to each squared norm (ATen's EPSILON).
@@ -263,11 +262,13 @@ def loss_weights(
         micro-batch); weight 1 / (that loss's rows in the group) and, as denominator, the number of
         groups holding such rows: the average over groups of the groups' means, as the reference's
         ``loss / gradient_accumulation_steps`` summed over micro-batches, averaged by DDP.
-    counts["masked"] is always the number of masked positions (the accuracy's denominator).
+    counts["masked"] is always the number of masked positions (the accuracy's denominator), and
+    counts["tokens"] the number of real tokens.
     """
     masks = loss_masks(labels, attention_mask, cfg)
     counts = {f"{k}_rows": jnp.sum(m, dtype=jnp.float32) for k, m in masks.items()}
-    counts["masked"] = counts["mlm_rows"]
+    counts["masked"] = counts["mlm_rows"]  # masked positions, whatever the normalisation
+    counts["tokens"] = counts["cos_rows"]  # real tokens, whatever the normalisation
     if cfg.normalize == "batch":
         return {k: m.astype(jnp.float32) for k, m in masks.items()}, counts
     batch, length = labels.shape

@@ -14,14 +14,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxdistil.checkpoint import CheckpointConfig
 from jaxdistil.config import LoggingConfig, apply_overrides, build_section, read_yaml
-from jaxdistil.distill.optim import OptimConfig
-from jaxdistil.distill.sharding import MeshConfig
 from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
 from jaxdistil.finetune.tasks import TaskConfig
 from jaxdistil.models import COMPUTE_DTYPES
+from jaxdistil.training.checkpoint import CheckpointConfig
+from jaxdistil.training.optim import OptimConfig
+from jaxdistil.training.sharding import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 One batch walks forward: task examples (jaxdistil.finetune.tasks, tokenized once by .data) -> this
 process's rows of the global batch (jaxdistil.data.global_batches) -> the classifier step
-(jaxdistil.finetune.step) -> metrics.jsonl / TensorBoard (jaxdistil.metrics) -> evaluation on the
-validation split(s), GLUE's metrics (jaxdistil.finetune.metrics) -> checkpoint (jaxdistil.checkpoint,
+(jaxdistil.finetune.step) -> metrics.jsonl / TensorBoard (jaxdistil.training.metrics) -> evaluation on the
+validation split(s), GLUE's metrics (jaxdistil.finetune.metrics) -> checkpoint (jaxdistil.training.checkpoint,
 ranked by the task score: ``checkpoint.keep_best`` keeps the best).
 
 Run directory: RUN/config.yaml, RUN/model/config.json (the classifier, HF format with id2label),
@@ -17,31 +17,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from transformers import AutoTokenizer
 
-from jaxdistil import distributed, rundir, students
-from jaxdistil.checkpoint import RunCheckpointer
-from jaxdistil.config import dump_run_config
+from jaxdistil import distributed
+from jaxdistil.config import dump_config
 from jaxdistil.data.global_batches import ShardedBatches
-from jaxdistil.distill import sharding as shd
 from jaxdistil.errors import UserError
 from jaxdistil.finetune.config import FinetuneConfig
 from jaxdistil.finetune.data import ArrayBatches, encode
-from jaxdistil.finetune.metrics import task_metrics, task_score
+from jaxdistil.finetune.evaluation import TaskEvaluator
 from jaxdistil.finetune.step import build_classifier_step
-from jaxdistil.finetune.tasks import Task, load_task
+from jaxdistil.finetune.tasks import load_task
 from jaxdistil.hf.files import copy_tokenizer_files
-from jaxdistil.metrics import MetricsWriter, TrainLog, measure_peak_flops
+from jaxdistil.hf.load import load_model_arg
 from jaxdistil.models import BertConfig, ConfigError, save_config
 from jaxdistil.models.classification import ClassifierHead, build_classifier, family_of, fresh_head
 from jaxdistil.models.flops import forward_flops_per_token
-from jaxdistil.stopping import StopSignal
+from jaxdistil.training import loop, rundir
+from jaxdistil.training import sharding as shd
+from jaxdistil.training.checkpoint import RunCheckpointer
+from jaxdistil.training.hooks import Checkpoint, Evaluate, Log
+from jaxdistil.training.metrics import MetricsWriter, TrainLog, measure_peak_flops
 
 SCORE = "eval_score"  # the checkpoints' ranking metric: the task score, higher is better
 
@@ -64,39 +64,6 @@ class FinetuneResult:
     state: Any = None
 
 
-def predictions(step, params, arrays: dict[str, np.ndarray], rows: int, regression: bool,
-                data_shards: int, mesh) -> np.ndarray:
-    """The classifier's predictions (class ids, or values) for every example of ``arrays``."""
-    n = len(arrays["weight"])
-    per_shard = -(-n // data_shards)
-    batches = ShardedBatches(
-        lambda i, c: ArrayBatches(arrays, rows // data_shards, i, c, train=False,
-                                  min_batches=-(-per_shard // (rows // data_shards))),
-        data_shards, rows // data_shards, shd.batch_sharding(mesh))
-    values, weights = [], []
-    for host in batches:
-        out = jax.device_get(step.eval_step(params, shd.shard_batch(host, mesh)))
-        values.append(out["logits"][:, 0] if regression else out["logits"].argmax(-1))
-        weights.append(out["weight"])
-    # A global batch is one block of rows per data shard, and shard s holds examples s, s + S, ...:
-    # regroup the rows by shard, drop the padding rows (weight 0), put the examples back in order.
-    per_batch = rows // data_shards
-    by_shard = [np.stack(x).reshape(-1, data_shards, per_batch).transpose(1, 0, 2).reshape(data_shards, -1)
-                for x in (values, weights)]
-    out = np.empty(n, by_shard[0].dtype)
-    for s in range(data_shards):
-        out[s::data_shards] = by_shard[0][s][by_shard[1][s] > 0]
-    return out
-
-
-def evaluate(step, params, task: Task, arrays: dict[str, dict], rows: int, data_shards: int, mesh) -> dict:
-    """{metrics..., "score"} of the task on its validation split(s)."""
-    preds = {name: predictions(step, params, a, rows, task.regression, data_shards, mesh) for name, a in arrays.items()}
-    labels = {name: a["label"] for name, a in arrays.items()}
-    values = task_metrics(task.metrics, preds, labels)
-    return {**values, "score": task_score(values)}
-
-
 def _initial_params(loaded, head: ClassifierHead, seed: int) -> tuple[dict, str]:
     """Encoder from the loaded model; its own head when it fits the task, else a fresh one."""
     if loaded.head is not None and (loaded.head.num_labels, loaded.head.problem_type) == (head.num_labels,
@@ -115,7 +82,7 @@ def finetune(cfg: FinetuneConfig, log=print, force_unlock: bool = False) -> Fine
         raise UserError("no model given; pass --model DIR (a run, Flax, HF directory or hub id)")
     say = log if distributed.is_main_process() else (lambda *a, **k: None)
     task = load_task(cfg.task)
-    loaded = students.load_model_arg(cfg.model)
+    loaded = load_model_arg(cfg.model)
     try:
         family_of(loaded.config)
     except ConfigError as err:
@@ -134,6 +101,35 @@ def finetune(cfg: FinetuneConfig, log=print, force_unlock: bool = False) -> Fine
         return _run(cfg, run_dir, task, loaded, head, train_arrays, eval_arrays, tokenizer, say)
 
 
+def write_run_files(run_dir: Path, cfg: FinetuneConfig, loaded, head: ClassifierHead) -> None:
+    """RUN/config.yaml, RUN/model/config.json (the classifier, HF format with id2label) and
+    RUN/tokenizer/ (process 0 only)."""
+    if not distributed.is_main_process():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    save_config(loaded.config, run_dir / "model")
+    model_json = run_dir / "model" / "config.json"
+    data = json.loads(model_json.read_text())
+    data.update(head.to_hf_dict(), architectures=[
+        "BertForSequenceClassification" if isinstance(loaded.config, BertConfig)
+        else "DistilBertForSequenceClassification"])
+    model_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (run_dir / "tokenizer").mkdir(exist_ok=True)
+    copy_tokenizer_files(loaded.tokenizer_dir, run_dir / "tokenizer")
+
+
+def best_evaluation(run_dir: Path) -> tuple[int | None, float]:
+    """(step, score) of the best "eval" line in RUN/metrics.jsonl ((None, -inf) when there is none)."""
+    best: tuple[int | None, float] = (None, -math.inf)
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for record in (json.loads(x) for x in lines if x.strip()):
+        if record["kind"] == "eval" and record["score"] > best[1]:
+            best = (record["step"], record["score"])
+    return best
+
+
 def _run(cfg, run_dir, task, loaded, head, train_arrays, eval_arrays, tokenizer, say) -> FinetuneResult:
     data_shards = distributed.num_data_shards(cfg.distributed)
     batch = cfg.train.batch_size * data_shards
@@ -142,8 +138,9 @@ def _run(cfg, run_dir, task, loaded, head, train_arrays, eval_arrays, tokenizer,
     epochs = max(1, math.ceil(total / per_epoch)) + 1  # the iterator never runs dry before `total`
     optim = dataclasses.replace(cfg.optim, total_steps=total)
     step = build_classifier_step(loaded.config, head, optim, cfg.mesh, cfg.train.dtype)
-    shd.check_batch(batch, step.mesh)
+    shd.check_batch(batch, step.mesh, optim.grad_accum_steps)
 
+    # ---- state: resume own checkpoint > the loaded model (+ a fresh head when its own does not fit)
     ckpt = RunCheckpointer(run_dir, cfg.checkpoint, metric=SCORE, higher_is_better=True)
     restored = ckpt.restore(step.abstract_state) if ckpt.all_steps() else None
     if restored is not None:
@@ -154,79 +151,39 @@ def _run(cfg, run_dir, task, loaded, head, train_arrays, eval_arrays, tokenizer,
         state = step.init_state(jax.random.PRNGKey(cfg.train.seed), params)
         say(f"note: {cfg.model}: encoder loaded, {origin}")
     start = restored.step if restored else 0
-    if distributed.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_run_config(cfg, run_dir / "config.yaml")
-        save_config(loaded.config, run_dir / "model")
-        model_json = run_dir / "model" / "config.json"
-        data = json.loads(model_json.read_text())
-        data.update(head.to_hf_dict(), architectures=[
-            "BertForSequenceClassification" if isinstance(loaded.config, BertConfig)
-            else "DistilBertForSequenceClassification"])
-        model_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        (run_dir / "tokenizer").mkdir(exist_ok=True)
-        copy_tokenizer_files(loaded.tokenizer_dir, run_dir / "tokenizer")
+    write_run_files(run_dir, cfg, loaded, head)
     say(f"task {task.name}: {len(task.train):,} training examples, "
         + ", ".join(f"{k} {len(v):,}" for k, v in task.validation.items())
         + f"; {head.num_labels} labels ({head.problem_type}); {total} steps of {batch}")
 
+    # ---- data
     train_iter = ShardedBatches(
         lambda i, n: ArrayBatches(train_arrays, cfg.train.batch_size, i, n, seed=cfg.train.seed, epochs=epochs),
         data_shards, cfg.train.batch_size, shd.batch_sharding(step.mesh))
     if restored is not None and restored.data_states is not None:
         train_iter.set_state(restored.data_states)
-    peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else measure_peak_flops(
-        step.model.dtype)
+
+    # ---- the loop: log -> evaluate (the task's metrics) -> checkpoint (ranked by the task score)
+    peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else measure_peak_flops(step.model.dtype)
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard, start if restored else None,
                            distributed.is_main_process())
-    log = TrainLog(writer, total, start, lambda t: 3 * forward_flops_per_token(loaded.config, t, mlm_head=False),
-                   peak * jax.device_count(), cfg.logging.progress)
-    last: dict[str, float] = {}
-    best = (None, -math.inf)
-
-    def run_eval(at: int) -> None:
-        nonlocal last, best
-        last = evaluate(step, state.params, task, eval_arrays, batch, data_shards, step.mesh)
-        writer.write(at, "eval", last)
-        if last["score"] > best[1]:
-            best = (at, last["score"])
-        say(f"step {at}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
-        log.restart_clock()
-
-    current, stop = start, StopSignal()
-    try:
-        with stop:
-            while current < total and not stop.check(current):
-                host = next(train_iter)
-                with jax.transfer_guard("disallow"):
-                    state, metrics = step.train_step(state, step.shard_batch(host))
-                current += 1
-                if distributed.agreed_stop(current):
-                    stop.signum = signal.SIGTERM
-                log.add(metrics, host)
-                if current % cfg.train.log_every == 0 or current == total:
-                    log.flush(current)
-                evaluated = current == total or (cfg.train.eval_every and current % cfg.train.eval_every == 0)
-                if evaluated:
-                    log.flush(current)
-                    run_eval(current)
-                every = cfg.checkpoint.every
-                if (every and current % every == 0) or current == total or stop.signum is not None or evaluated:
-                    ckpt.save(state, train_iter.get_state(), metric=last["score"] if evaluated else None)
-            log.flush(current)
-            if stop.signum is not None:
-                ckpt.save(state, train_iter.get_state())
-                say(f"\n{signal.Signals(stop.signum).name} received: saved a checkpoint at step {current}; "
-                    "run the same command to resume")
-    finally:
-        log.close()
-        ckpt.close()
-    if restored is not None:  # earlier evaluations of this run are in its metrics
-        for record in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()):
-            if record["kind"] == "eval" and record["score"] > best[1]:
-                best = (record["step"], record["score"])
-    return FinetuneResult(run_dir, task.name, current, total, stop.signum, last, last.get("score", math.nan),
-                          best[0], best[1], task.majority_baseline(), origin, state)
+    train_log = TrainLog(writer, total, start,
+                         lambda t: 3 * forward_flops_per_token(loaded.config, t, mlm_head=False),
+                         peak * jax.device_count(), cfg.logging.progress, combine=step.objective.combine,
+                         totals=step.objective.totals)
+    evaluator = TaskEvaluator(step, task, eval_arrays, batch, data_shards)
+    hooks = [Log(train_log, cfg.train.log_every),
+             Evaluate(evaluator, cfg.train.eval_every, writer, lambda s, v: say(evaluator.report(s, v))),
+             Checkpoint(ckpt, cfg.checkpoint.every, train_iter.get_state, metric="score", save_on_eval=True)]
+    result = loop.run(step.train_step, state, train_iter, step.shard_batch, start_step=start, total_steps=total,
+                      hooks=hooks, resumed=restored is not None, say=say)
+    best = best_evaluation(run_dir) if distributed.is_main_process() else (None, -math.inf)
+    if best[0] is None and result.evaluation:
+        best = (result.step, result.evaluation["score"])
+    last = result.evaluation
+    return FinetuneResult(run_dir, task.name, result.step, total, result.interrupted, last,
+                          last.get("score", math.nan), best[0], best[1], task.majority_baseline(), origin,
+                          result.state)
 
 
 def format_result(result: FinetuneResult) -> str:

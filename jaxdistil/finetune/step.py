@@ -1,15 +1,14 @@
-"""The fine-tuning step: one jitted update of a sequence classifier, and its scoring step.
+"""The fine-tuning step: a sequence classifier's objective on the step template, and its scoring step.
 
-The same machinery as distillation: a ``TrainState`` born sharded by the logical-axis rules
-(``jaxdistil.distill.step.init_train_state``), the batch over data x fsdp, the AdamW chain of
-``jaxdistil.distill.optim``, the state donated. The loss is transformers': cross-entropy for
-classification, mean squared error for regression (one output), averaged over the batch's real
-rows (``weight`` = 1; padding rows of the last batch weigh 0).
+The classifier trains on the same template as distillation (``jaxdistil.training.step``): a
+``TrainState`` born sharded by the logical-axis rules, the batch over data x fsdp, the AdamW chain
+of ``jaxdistil.training.optim``, gradient accumulation, the state donated. The objective is
+transformers': cross-entropy for classification, mean squared error for regression (one output),
+averaged over the batch's real rows (``weight`` = 1; padding rows of the last batch weigh 0).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdistil.distill import sharding as shd
-from jaxdistil.distill.optim import OptimConfig, make_optimizer, trainable_global_norm
-from jaxdistil.distill.step import TrainState, abstract_train_state, init_train_state
-from jaxdistil.models import COMPUTE_DTYPES, ModelConfig
+from jaxdistil.models import COMPUTE_DTYPES, ModelConfig, frozen_param_paths
 from jaxdistil.models.classification import ClassifierHead, SequenceClassifier, build_classifier
+from jaxdistil.training import sharding as shd
+from jaxdistil.training.optim import OptimConfig
+from jaxdistil.training.step import TrainStep, make_eval_step
 
 INPUTS = ("attention_mask", "token_type_ids")
 
@@ -33,27 +32,75 @@ def example_losses(logits: jax.Array, labels: jax.Array, regression: bool) -> ja
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
 
 
-@dataclasses.dataclass
-class ClassifierStep:
-    """A classifier, its optimizer and mesh, and the jitted ``train_step`` / ``eval_step``.
+class ClassifierObjective:
+    """Classification / regression loss as the step template's ``Objective`` (no consts).
 
-    train_step(state, batch) -> (state, metrics {loss, accuracy, grad_norm, param_norm, lr, tokens})
+    sums: "loss_sum" (per-example losses x weight), "correct" (weighted hits); counts: "rows" (real
+    examples), "tokens" (their real tokens). metrics: "loss", "accuracy" (0 for regression).
+    """
+
+    extra_init: dict = {}
+    totals = {"tokens": "tokens", "examples": "rows"}
+
+    def __init__(self, model: SequenceClassifier, regression: bool):
+        self.model, self.regression = model, regression
+
+    def forward(self, params, batch, deterministic: bool, key=None) -> jax.Array:
+        kwargs = {k: batch[k] for k in INPUTS if k in batch}
+        rngs = None if key is None else {"dropout": key}
+        return self.model.apply({"params": params}, batch["input_ids"], deterministic=deterministic, rngs=rngs,
+                                **kwargs)
+
+    def prepare(self, batch, consts, key):
+        weight = batch["weight"].astype(jnp.float32)
+        counts = {"rows": jnp.sum(weight),
+                  "tokens": jnp.sum(batch["attention_mask"] * weight[:, None], dtype=jnp.float32)}
+        return dict(batch), counts
+
+    def sums(self, params, micro, consts, key):
+        logits = self.forward(params["model"], micro, False, key)
+        weight = micro["weight"].astype(jnp.float32)
+        out = {"loss_sum": jnp.sum(example_losses(logits, micro["label"], self.regression) * weight)}
+        if self.regression:
+            out["correct"] = jnp.zeros((), jnp.float32)
+        else:
+            out["correct"] = jnp.sum((jnp.argmax(logits, -1) == micro["label"]).astype(jnp.float32) * weight)
+        return out
+
+    def combine(self, sums, counts):
+        rows = jnp.maximum(counts["rows"], 1.0)
+        loss = sums["loss_sum"] / rows
+        return loss, {"loss": loss, "accuracy": sums["correct"] / rows}
+
+
+class ClassifierStep:
+    """A classifier, its objective on the step template, and the jitted steps.
+
+    train_step(state, batch) -> (state, metrics {loss, accuracy, grad_norm, param_norm, update_norm, lr, ...})
     eval_step(params, batch) -> {logits [B, num_labels], weight [B]} (replicated)
     """
 
-    model: SequenceClassifier
-    mesh: Any
-    rules: Any
-    optimizer: optax.GradientTransformation
-    schedule: optax.Schedule
-    abstract_state: TrainState
-    state_shardings: TrainState
-    train_step: Callable
-    eval_step: Callable
+    def __init__(self, cfg: ModelConfig, head: ClassifierHead, optim: OptimConfig, mesh_cfg: shd.MeshConfig,
+                 dtype: str = "float32"):
+        self.mesh = shd.make_mesh(mesh_cfg)
+        self.rules = shd.make_rules(mesh_cfg.rules)
+        self.model = build_classifier(cfg, head, dtype=COMPUTE_DTYPES[dtype])
+        self.objective = ClassifierObjective(self.model, head.regression)
+        self.core = TrainStep(self.model, self.objective, optim, self.mesh, self.rules,
+                              frozen=frozen_param_paths(cfg), const_shardings={})
+        self.optimizer, self.schedule = self.core.optimizer, self.core.schedule
+        self.abstract_state, self.state_shardings = self.core.abstract_state, self.core.state_shardings
+        self._train = self.core.train_step
+        objective = self.objective
+        self.eval_step: Callable[..., Any] = make_eval_step(
+            lambda p, b: {"logits": objective.forward(p, b, True), "weight": b["weight"]}, self.mesh, self.rules,
+            (self.state_shardings.params, shd.batch_sharding(self.mesh)))
 
-    def init_state(self, rng: jax.Array, params: Any) -> TrainState:
-        state, _ = init_train_state(self.model, rng, self.optimizer, self.mesh, self.rules, params=params)
-        return state
+    def train_step(self, state, batch):
+        return self._train(state, batch, {})
+
+    def init_state(self, rng: jax.Array, params: Any) -> Any:
+        return self.core.init_state(rng, params)
 
     def shard_batch(self, host_batch: dict) -> dict[str, jax.Array]:
         return shd.shard_batch(host_batch, self.mesh)
@@ -61,47 +108,4 @@ class ClassifierStep:
 
 def build_classifier_step(cfg: ModelConfig, head: ClassifierHead, optim: OptimConfig, mesh_cfg: shd.MeshConfig,
                           dtype: str = "float32") -> ClassifierStep:
-    mesh = shd.make_mesh(mesh_cfg)
-    rules = shd.make_rules(mesh_cfg.rules)
-    model = build_classifier(cfg, head, dtype=COMPUTE_DTYPES[dtype])
-    optimizer, schedule = make_optimizer(optim, model_cfg=cfg)
-    abstract, shardings = abstract_train_state(model, optimizer, mesh, rules)
-    repl, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
-
-    def forward(params, batch, deterministic, rngs=None):
-        kwargs = {k: batch[k] for k in INPUTS if k in batch}
-        return model.apply({"params": params}, batch["input_ids"], deterministic=deterministic, rngs=rngs, **kwargs)
-
-    def train_step(state: TrainState, batch):
-        with shd.activation_rules(mesh, rules):
-            key = jax.random.fold_in(state.rng, state.step)
-            weight = batch["weight"].astype(jnp.float32)
-            rows = jnp.maximum(jnp.sum(weight), 1.0)
-
-            def loss_fn(params):
-                logits = forward(params, batch, False, {"dropout": key})
-                return jnp.sum(example_losses(logits, batch["label"], head.regression) * weight) / rows, logits
-
-            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            if head.regression:
-                accuracy = jnp.zeros((), jnp.float32)
-            else:
-                hits = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-                accuracy = jnp.sum(hits * weight) / rows
-            metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": trainable_global_norm(grads),
-                       "param_norm": optax.tree.norm(params).astype(jnp.float32),
-                       "lr": jnp.asarray(schedule(state.step), jnp.float32),
-                       "tokens": jnp.sum(batch["attention_mask"] * weight[:, None], dtype=jnp.float32),
-                       "examples": jnp.sum(weight)}
-            return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    def eval_step(params, batch):
-        with shd.activation_rules(mesh, rules):
-            return {"logits": forward(params, batch, True), "weight": batch["weight"]}
-
-    train = jax.jit(train_step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
-                    donate_argnums=(0,))
-    evaluate = jax.jit(eval_step, in_shardings=(shardings.params, batch_sh), out_shardings=repl)
-    return ClassifierStep(model, mesh, rules, optimizer, schedule, abstract, shardings, train, evaluate)
+    return ClassifierStep(cfg, head, optim, mesh_cfg, dtype)

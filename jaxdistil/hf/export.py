@@ -25,7 +25,12 @@ from jaxdistil.hf import files
 from jaxdistil.hf.load import CLASSIFIERS, load_model
 from jaxdistil.hf.names import classifier_to_hf, flax_to_hf
 from jaxdistil.hf.verify import (
-    compare_with_transformers, flax_classifier_logits, sample_inputs, torch_available, torch_classifier_logits)
+    compare_with_transformers,
+    flax_classifier_logits,
+    sample_inputs,
+    torch_available,
+    torch_classifier_logits,
+)
 from jaxdistil.models.classification import ClassifierHead, family_of
 from jaxdistil.models.configs import BertConfig, ModelConfig
 

@@ -2,7 +2,7 @@
 
 ``load_model(path_or_hub_id)`` reads, in this order of checks:
   - a jaxdistil run directory (``config.yaml`` / ``checkpoints/``) through
-    ``jaxdistil.checkpoint.restore_params``;
+    ``restore_run_params`` (a checkpoint of ``jaxdistil.training.checkpoint``);
   - a Flax model directory (``config.json`` + ``params/``, an orbax checkpoint; written by
     ``save_flax_model`` / ``jaxdistil import``);
   - a Hugging Face directory (``config.json`` + safetensors, sharded safetensors, or
@@ -17,16 +17,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from huggingface_hub import snapshot_download
 
-from jaxdistil.checkpoint import restore_params, run_model_config
 from jaxdistil.errors import UserError
 from jaxdistil.hf import files
 from jaxdistil.hf.names import check_flax_params, family, hf_to_flax, split_classifier
-from jaxdistil.models.classification import HEAD_PARAMS, ClassifierHead, family_of
+from jaxdistil.models import build_model, init_params, load_config
+from jaxdistil.models.classification import HEAD_PARAMS, ClassifierHead, build_classifier, family_of
 from jaxdistil.models.configs import ConfigError, ModelConfig, config_from_hf_dict
+from jaxdistil.training.checkpoint import RunCheckpointer
 
 # Architectures whose tensors the importer understands (the head-less ones give has_mlm_head=False;
 # BertForPreTraining's next-sentence head and BertModel's pooler are ignored; a sequence
@@ -241,6 +243,54 @@ def is_run_dir(path: str | Path) -> bool:
             or (path / "student" / "config.json").is_file() or (path / "model" / "config.json").is_file())
 
 
+def run_model_config(run_dir: str | Path) -> tuple[ModelConfig, ClassifierHead | None]:
+    """The model a run trains: ``RUN/student/config.json`` (distillation, MLM) or
+    ``RUN/model/config.json`` (fine-tuning: a sequence classifier, with its head)."""
+    run_dir = Path(run_dir)
+    for sub in ("student", "model"):
+        path = run_dir / sub / "config.json"
+        if path.is_file():
+            try:
+                cfg = load_config(path)
+                head = ClassifierHead.from_hf_dict(json.loads(path.read_text())) if sub == "model" else None
+            except (ConfigError, json.JSONDecodeError) as err:
+                raise UserError(f"{path}: {err}") from err
+            return cfg, head
+    raise UserError(f"{run_dir} is not a jaxdistil run directory (no student/config.json or model/config.json)")
+
+
+def restore_run_params(run_dir: str | Path, step: int | None = None) -> tuple[int, ModelConfig, Any]:
+    """The trained model of a run: (step, model config, params as numpy arrays).
+
+    run_dir: a jaxdistil run directory (``RUN/student/`` or ``RUN/model/config.json`` + ``RUN/checkpoints``);
+    a fine-tuning run's params are its classifier's (encoder + head).
+    step: a saved step; default the latest readable one.
+    """
+    run_dir = Path(run_dir)
+    model_cfg, head = run_model_config(run_dir)
+    ckpt = RunCheckpointer(run_dir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise UserError(f"run {run_dir} has no checkpoint yet; train it for at least one save first")
+        if step is not None and step not in steps:
+            raise UserError(f"run {run_dir} has no checkpoint at step {step}; saved steps: {steps}")
+        model = build_model(model_cfg) if head is None else build_classifier(model_cfg, head)
+        abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract)
+        try:
+            restored_step, params = ckpt.restore_params(abstract, step)
+        except UserError as err:
+            if "different model" in str(err):
+                raise UserError(f"run {run_dir}: stored params do not match its config.json "
+                                f"({str(err).split('(', 1)[1].split(');')[0]})") from None
+            raise
+    finally:
+        ckpt.manager.close()
+    return restored_step, model_cfg, jax.tree.map(np.asarray, params)
+
+
 def load_run(run_dir: str | Path, step: int | None = None, param_dtype=np.float32) -> LoadedModel:
     """The model of a jaxdistil run at ``step`` (latest when None): a distillation run's student, or
     a fine-tuning run's classifier (its head in ``classifier``)."""
@@ -250,7 +300,7 @@ def load_run(run_dir: str | Path, step: int | None = None, param_dtype=np.float3
         raise UserError(f"{run_dir}: the run has no checkpoint in {ckpt}; train it first "
                         "(jaxdistil train) or pass a run directory that has checkpoints")
     try:
-        restored_step, cfg, params = restore_params(run_dir, step)
+        restored_step, cfg, params = restore_run_params(run_dir, step)
     except UserError:
         raise
     except (FileNotFoundError, ValueError, KeyError) as err:
@@ -317,3 +367,12 @@ def load_model(path_or_hub_id: str | Path, step: int | None = None, param_dtype=
         raise UserError(f"{text}: --step applies to run directories only")
     loaded = load_hf_dir(download_hub_model(text), param_dtype)
     return loaded
+
+
+def load_model_arg(source: str, step: int | None = None, what: str = "model directory") -> LoadedModel:
+    """``load_model(source)`` of a command-line argument, with a one-line error naming ``what`` for a
+    local path that does not exist (rather than trying the Hub)."""
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") > 1
+    if looks_local and not Path(source).expanduser().exists():
+        raise UserError(f"{what} {source} does not exist; pass a model directory or a hub id")
+    return load_model(str(Path(source).expanduser()) if looks_local else source, step=step)

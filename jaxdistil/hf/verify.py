@@ -95,7 +95,12 @@ def torch_forward(hf_dir: str | Path, input_ids: np.ndarray, attention_mask: np.
     (embeddings output first).
     """
     import torch  # optional: the reference side only, checked by torch_available()
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM  # (needs torch)
+    from transformers import (  # (needs torch)
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+    )
 
     causal = AutoConfig.from_pretrained(str(hf_dir)).model_type == "gpt2"
     cls = (AutoModelForCausalLM if causal else AutoModelForMaskedLM) if mlm else AutoModel

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistil.errors import UserError
 from jaxdistil.models.bert import BertForMaskedLM
 from jaxdistil.models.configs import (
     BertConfig,
@@ -21,8 +22,8 @@ from jaxdistil.models.configs import (
 )
 from jaxdistil.models.distilbert import DistilBertForMaskedLM
 from jaxdistil.models.gpt2 import GPT2LMHeadModel
-from jaxdistil.models.roberta import RobertaForMaskedLM
 from jaxdistil.models.layers import EncoderOutput, MaskedLMOutput, TransformerMaskedLM
+from jaxdistil.models.roberta import RobertaForMaskedLM
 
 # Compute dtypes of the models (parameters stay float32). No float16: it would need loss scaling;
 # bfloat16 has float32's range.
@@ -32,7 +33,7 @@ __all__ = [
     "COMPUTE_DTYPES", "BertConfig", "BertForMaskedLM", "ConfigError", "DistilBertConfig", "DistilBertForMaskedLM",
     "EncoderOutput", "GPT2Config", "GPT2LMHeadModel", "MaskedLMOutput", "ModelConfig", "RobertaConfig",
     "RobertaForMaskedLM", "TransformerMaskedLM", "build_model",
-    "config_from_hf_dict", "init_params", "load_config", "save_config",
+    "config_from_hf_dict", "frozen_param_paths", "init_params", "load_config", "save_config",
 ]
 
 
@@ -54,3 +55,26 @@ def init_params(model: TransformerMaskedLM, rng: jax.Array, length: int = 8, box
     variables = model.init(rng, ids)
     params = variables["params"]
     return params if boxed else nn.unbox(params)
+
+
+POSITIONS = "embeddings/position_embeddings/embedding"
+TOKEN_TYPES = "embeddings/token_type_embeddings/embedding"
+
+
+def frozen_param_paths(cfg: ModelConfig | None, freeze_positions: bool = False,
+                       freeze_token_types: bool = False) -> tuple[str, ...]:
+    """Parameters of a model that must not train (``/``-joined paths in its param tree).
+
+    The position table when asked (the reference's ``--freeze_pos_embs``) or when the DistilBERT
+    config has ``sinusoidal_pos_embds`` (transformers froze that table: ``requires_grad=False``);
+    the token-type table when asked (``--freeze_token_type_embds``), which needs a model that has one.
+    """
+    frozen = []
+    if freeze_positions or (cfg is not None and getattr(cfg, "sinusoidal", False)):
+        frozen.append(POSITIONS)
+    if freeze_token_types:
+        if cfg is not None and not getattr(cfg, "token_types", 0):
+            raise UserError(f"student.freeze_token_type_embds: the {type(cfg).__name__} student has no "
+                            "token-type embeddings; remove the option")
+        frozen.append(TOKEN_TYPES)
+    return tuple(frozen)

@@ -10,7 +10,7 @@ projection as LM head. The layer's parameters have the same names in both forms 
 is GPT-2's ``ln_1``, ``output_layer_norm`` its ``ln_2``), so one rules table, one student-from-teacher
 layer copy and one ``jaxdistil.hf`` name table serve all four.
 
-Every parameter carries logical axis names; ``jaxdistil.distill.sharding`` maps them to mesh axes:
+Every parameter carries logical axis names; ``jaxdistil.training.sharding`` maps them to mesh axes:
 
   vocab, embed, position, token_type, heads, kv (per-head width), mlp, transform, norm, layers.
 
@@ -47,7 +47,7 @@ def activation_fn(name: str):
 
 # rules=(): the boxes carry names only and never constrain on unbox. DenseGeneral unboxes its FLAT
 # kernel/bias before reshaping it (flax#3676), which fails under a mesh (the train step's activation
-# rules); jaxdistil.distill.sharding maps the names to shardings itself.
+# rules); jaxdistil.training.sharding maps the names to shardings itself.
 def _normal(std: float, names: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(std), names, rules=())
 

@@ -13,8 +13,8 @@ import matplotlib
 from rich.console import Console
 from rich.table import Table
 
-from jaxdistil.distill.sharding import MESH_AXES
 from jaxdistil.study.hlo import COLLECTIVES, CollectiveStats
+from jaxdistil.training.sharding import MESH_AXES
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

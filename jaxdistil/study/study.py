@@ -35,14 +35,20 @@ import numpy as np
 
 from jaxdistil import students
 from jaxdistil.data import manifest as manifest_lib
-from jaxdistil.distill import sharding as shd
 from jaxdistil.distill.builder import DistillStep, StepSpec, run_step_spec
 from jaxdistil.errors import UserError
 from jaxdistil.models import ConfigError, config_from_hf_dict, load_config
 from jaxdistil.study.hlo import collective_stats, matmul_flops
 from jaxdistil.study.memory import cost_flops, max_device_bytes, memory_analysis
 from jaxdistil.study.report import (
-    StrategyResult, check_agreement, markdown_table, write_chart, write_csv, write_json)
+    StrategyResult,
+    check_agreement,
+    markdown_table,
+    write_chart,
+    write_csv,
+    write_json,
+)
+from jaxdistil.training import sharding as shd
 
 # Shapes of well-known hub models, so a study needs no download (it uses random weights anyway).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -215,10 +221,10 @@ def measure_strategy(setup: StudySetup, sizes: Mapping[str, int], devices: list,
         teacher_params = built.random_teacher(key_teacher) if built.teacher is not None else None
     notes += [n for n in _split_notes(caught) if n not in notes]
     batches = [built.shard_batch(b) for b in host_batches]
-    weights = built.replicate(token_weights(setup.student.vocab_size))
+    consts = built.consts(teacher_params, token_weights(setup.student.vocab_size))
     with captured_stderr() as xla_log:
         t0 = time.perf_counter()
-        lowered = built.train_step.lower(state, teacher_params, batches[0], weights)
+        lowered = built.train_step.lower(state, batches[0], consts)
         t1 = time.perf_counter()
         try:
             compiled = lowered.compile(compiler_options=dict(compiler_options or {}) or None)
@@ -256,7 +262,7 @@ def measure_strategy(setup: StudySetup, sizes: Mapping[str, int], devices: list,
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
         t0 = time.perf_counter()
-        state, metrics = compiled(state, teacher_params, batch, weights)
+        state, metrics = compiled(state, batch, consts)
         jax.block_until_ready((state, metrics))
         elapsed = time.perf_counter() - t0
         if i >= warmup:

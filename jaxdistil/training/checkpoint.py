@@ -1,10 +1,12 @@
 """Checkpoints of a run: a ``TrainState`` and the data iterator's state (orbax ``CheckpointManager``).
 
-A run checkpoint ``RUN/checkpoints/<step>/`` holds four items:
+A run checkpoint ``RUN/checkpoints/<step>/`` holds these items:
 
-  params     the student's parameters (orbax array format, sharded as they were in memory)
-  opt_state  the optimizer state
-  meta       JSON: step, the run's base PRNG key data, the ranking metric when there was an evaluation
+  params     the model's parameters (orbax array format, sharded as they were in memory)
+  extra      the objective's extra trainable modules (``TrainState.extra``), when it has any
+  opt_state  the optimizer state (over ``{"model": params, "extra": extra}``)
+  meta       JSON: format, step, the run's base PRNG key data, the ranking metric when there was an
+             evaluation
   data       the data iterator's state, one JSON file per process, opaque to this module
 
 ``save(state, data_state)`` writes a ``TrainState`` and whatever ``iterator.get_state()`` gave;
@@ -23,6 +25,11 @@ step is moved to ``RUN/checkpoints-corrupt/`` and the previous one is tried, wit
 (read-only users such as ``restore_params`` skip it instead). Abstract arrays that carry shardings
 (``jax.ShapeDtypeStruct(..., sharding=...)``) restore straight onto another mesh than the one that
 saved.
+
+Format 2 is written since the training core (``jaxdistil.training``) gave the state its ``extra``
+modules. A format-1 checkpoint (written before: the optimizer state over the params alone, L_cos's
+projection inside the params as ``cos_projection``) is restored too: its optimizer state is read in
+its own layout and regrouped into the new one; whatever does not fit is refused with one line.
 """
 
 from __future__ import annotations
@@ -44,12 +51,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxdistil.distill.step import COS_PROJECTION, TrainState
 from jaxdistil.errors import UserError
-from jaxdistil.models import ModelConfig, build_model, init_params, load_config
-from jaxdistil.models.classification import ClassifierHead, build_classifier
-from jaxdistil.models.configs import ConfigError
 from jaxdistil.pytrees import path_str
+from jaxdistil.training.state import TrainState
+
+FORMAT = 2  # meta["format"] of the checkpoints written now; absent = format 1 (see the module doc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +268,7 @@ class RunCheckpointer:
             create=not read_only,
         )
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        for item in ("params", "opt_state"):
+        for item in ("params", "opt_state", "extra"):
             handler = _pytree_handler()
             registry.add(item, ocp.args.PyTreeSave, handler)
             registry.add(item, ocp.args.PyTreeRestore, handler)
@@ -298,17 +304,16 @@ class RunCheckpointer:
             return False
         rng = state.rng
         rng = np.asarray(jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng)
-        info = {"step": step, "rng": rng.astype(np.uint32).tolist(), "time": time.time()}
+        info = {"format": FORMAT, "step": step, "rng": rng.astype(np.uint32).tolist(), "time": time.time()}
         metrics = None
         if metric is not None:
             info[self.metric] = float(metric)
             metrics = {self.metric: float(metric)}
-        args = ocp.args.Composite(
-            params=ocp.args.PyTreeSave(state.params),
-            opt_state=ocp.args.PyTreeSave(state.opt_state),
-            meta=ocp.args.JsonSave(info),
-            data=DataStateSave(_jsonable_state(data_state)),
-        )
+        items = dict(params=ocp.args.PyTreeSave(state.params), opt_state=ocp.args.PyTreeSave(state.opt_state),
+                     meta=ocp.args.JsonSave(info), data=DataStateSave(_jsonable_state(data_state)))
+        if jax.tree.leaves(state.extra):
+            items["extra"] = ocp.args.PyTreeSave(state.extra)
+        args = ocp.args.Composite(**items)
         with self._save_errors(step):
             started = bool(self.manager.save(step, args=args, metrics=metrics, force=True))
         self._pending = step if started and self.cfg.async_save else None
@@ -369,7 +374,12 @@ class RunCheckpointer:
         metadata = self.manager.item_metadata(step)
         problems: list[str] = []
         for item, tree in abstract.items():
-            problems = problems or _shape_mismatches(tree, metadata[item], item, ignore)
+            try:
+                stored = metadata[item]
+            except (KeyError, AttributeError):
+                stored = None
+            # An item the step lacks (e.g. no "extra": another objective) counts as empty.
+            problems = problems or _shape_mismatches(tree, {} if stored is None else stored, item, ignore)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise UserError(
@@ -377,9 +387,12 @@ class RunCheckpointer:
                 f"({problems[0]}{more}); use a new run_dir or the config that made this one"
             )
 
-    def _restore_latest(self, items: Callable[[], dict[str, Any]], shapes: dict[str, Any],
+    def _restore_latest(self, items: Callable[[], dict[str, Any]], shapes: Callable[[int], dict[str, Any]],
                         step: int | None, ignore: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]] | None:
         """The one restore loop: ``step`` (default: the latest readable one) -> (step, items).
+
+        shapes(step): the abstract trees ({item: tree}) that step must hold (checked before reading);
+        items(): the restore arguments, called after ``shapes`` for the same step.
 
         A step that fails to read is moved aside (or, read-only, skipped) and the previous one is
         tried, with a warning; shape mismatches raise UserError; None when there is no checkpoint.
@@ -387,7 +400,7 @@ class RunCheckpointer:
         steps = self.all_steps() if step is None else [step]
         for candidate in reversed(steps):
             try:
-                self.check_shapes(candidate, shapes, ignore)
+                self.check_shapes(candidate, shapes(candidate), ignore)
                 out = self.manager.restore(candidate, args=ocp.args.Composite(**items()))
                 meta = dict(out.get("meta") or {"step": candidate})
                 if int(meta.get("step", candidate)) != candidate:
@@ -415,35 +428,59 @@ class RunCheckpointer:
             return candidate, out
         return None
 
+    def stored_format(self, step: int) -> int:
+        """The format of a saved step (``FORMAT``; 1 for checkpoints written before the field)."""
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # noqa: BLE001 - unreadable: let the restore loop report or skip it
+            return FORMAT
+        return int((meta or {}).get("format", 1))
+
     def restore(self, abstract: TrainState, step: int | None = None, with_data: bool = True) -> Restored | None:
         """Restores ``step`` (default: the latest readable one) onto ``abstract``.
 
         abstract: a TrainState of ``jax.ShapeDtypeStruct`` with ``sharding`` set (the target mesh).
-        Returns None when the run has no checkpoint.
+        Returns None when the run has no checkpoint. A format-1 step is read in its own layout
+        and regrouped (``_legacy_layout``).
         """
+        layout: dict[str, Any] = {}
+
+        def targets(candidate: int) -> dict[str, Any]:
+            layout.clear()
+            if self.stored_format(candidate) >= 2:
+                layout.update(params=abstract.params, opt_state=abstract.opt_state)
+                if jax.tree.leaves(abstract.extra):
+                    layout["extra"] = abstract.extra
+            else:
+                layout.update(_legacy_layout(abstract, self.run_dir))
+            return layout
 
         def items() -> dict[str, Any]:
-            out = {"params": _restore_args(abstract.params), "opt_state": _restore_args(abstract.opt_state),
-                   "meta": ocp.args.JsonRestore()}
+            out = {name: _restore_args(tree) for name, tree in layout.items()}
+            out["meta"] = ocp.args.JsonRestore()
             if with_data:
                 out["data"] = DataStateRestore()
             return out
 
-        found = self._restore_latest(items, {"params": abstract.params, "opt_state": abstract.opt_state}, step)
+        found = self._restore_latest(items, targets, step)
         if found is None:
             return None
         candidate, out = found
         meta = dict(out["meta"])
-        state = TrainState(step=_placed(candidate, abstract.step), params=out["params"],
-                           opt_state=out["opt_state"], rng=_placed(meta["rng"], abstract.rng))
+        if int(meta.get("format", 1)) >= 2:
+            params, extra, opt_state = out["params"], out.get("extra", abstract.extra), out["opt_state"]
+        else:
+            params, extra, opt_state = _from_legacy(out["params"], out["opt_state"], abstract)
+        state = TrainState(step=_placed(candidate, abstract.step), params=params, extra=extra,
+                           opt_state=opt_state, rng=_placed(meta["rng"], abstract.rng))
         data = [_from_jsonable_state(s) for s in out["data"]] if with_data else None
         return Restored(state=state, data_states=data, meta=meta)
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any] | None:
         """Only the model's params of ``step`` (default: the latest readable one): (step, params);
-        training-only arrays beside them (L_cos's projection, ``COS_PROJECTION``) are left out."""
+        training-only arrays beside them (a format-1 checkpoint's ``cos_projection``) are left out."""
         found = self._restore_latest(lambda: {"params": _restore_args(abstract_params, partial=True)},
-                                     {"params": abstract_params}, step, ignore=(COS_PROJECTION,))
+                                     lambda _: {"params": abstract_params}, step, ignore=(LEGACY_PROJECTION,))
         return None if found is None else (found[0], found[1]["params"])
 
     def _move_aside(self, step: int) -> None:
@@ -458,49 +495,53 @@ class RunCheckpointer:
         self.manager.reload()
 
 
-def run_model_config(run_dir: str | Path) -> tuple[ModelConfig, ClassifierHead | None]:
-    """The model a run trains: ``RUN/student/config.json`` (distillation, MLM) or
-    ``RUN/model/config.json`` (fine-tuning: a sequence classifier, with its head)."""
-    run_dir = Path(run_dir)
-    for sub in ("student", "model"):
-        path = run_dir / sub / "config.json"
-        if path.is_file():
-            try:
-                cfg = load_config(path)
-                head = ClassifierHead.from_hf_dict(json.loads(path.read_text())) if sub == "model" else None
-            except (ConfigError, json.JSONDecodeError) as err:
-                raise UserError(f"{path}: {err}") from err
-            return cfg, head
-    raise UserError(f"{run_dir} is not a jaxdistil run directory (no student/config.json or model/config.json)")
+# --------------------------------------------------------------------------- format 1
+
+LEGACY_PROJECTION = "cos_projection"  # where format 1 kept L_cos's projection: inside the params
 
 
-def restore_params(run_dir: str | Path, step: int | None = None) -> tuple[int, ModelConfig, Any]:
-    """The trained model of a run: (step, model config, params as numpy arrays).
+def _is_grouped(x: Any) -> bool:
+    return isinstance(x, dict) and set(x) == {"model", "extra"}
 
-    run_dir: a jaxdistil run directory (``RUN/student/`` or ``RUN/model/config.json`` + ``RUN/checkpoints``);
-    a fine-tuning run's params are its classifier's (encoder + head).
-    step: a saved step; default the latest readable one.
-    """
-    run_dir = Path(run_dir)
-    model_cfg, head = run_model_config(run_dir)
-    ckpt = RunCheckpointer(run_dir, read_only=True)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise UserError(f"run {run_dir} has no checkpoint yet; train it for at least one save first")
-        if step is not None and step not in steps:
-            raise UserError(f"run {run_dir} has no checkpoint at step {step}; saved steps: {steps}")
-        model = build_model(model_cfg) if head is None else build_classifier(model_cfg, head)
-        abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract)
-        try:
-            restored_step, params = ckpt.restore_params(abstract, step)
-        except UserError as err:
-            if "different model" in str(err):
-                raise UserError(f"run {run_dir}: stored params do not match its config.json "
-                                f"({str(err).split('(', 1)[1].split(');')[0]})") from None
-            raise
-    finally:
-        ckpt.manager.close()
-    return restored_step, model_cfg, jax.tree.map(np.asarray, params)
+
+def _legacy_layout(abstract: TrainState, run_dir: Path) -> dict[str, Any]:
+    """The abstract items of a format-1 checkpoint for ``abstract``: params (with the projection
+    inside, if the state has one) and the optimizer state over that tree, with the new shardings."""
+    extra = dict(abstract.extra)
+    unknown = sorted(set(extra) - {LEGACY_PROJECTION})
+    if unknown:
+        raise UserError(f"run dir {run_dir} holds checkpoints of an older jaxdistil (format 1), which had no "
+                        f"place for the objective's {unknown[0]!r} module; use a new run_dir")
+
+    def old(tree: Any) -> Any:
+        if not _is_grouped(tree):
+            return tree
+        if not tree["extra"]:
+            return tree["model"]
+        if not isinstance(tree["model"], dict):  # a masked optimizer leaf
+            return tree["model"]
+        return {**tree["model"], **tree["extra"]}
+
+    params = old({"model": abstract.params, "extra": extra})
+    opt_state = jax.tree.map(old, abstract.opt_state, is_leaf=_is_grouped)
+    return {"params": params, "opt_state": opt_state}
+
+
+def _from_legacy(params: Any, opt_state: Any, abstract: TrainState) -> tuple[Any, Any, Any]:
+    """(params, extra, opt_state) in the new layout from a format-1 checkpoint's params and
+    optimizer state (read with ``_legacy_layout``)."""
+    names = set(abstract.extra)
+    keys = set(params)
+
+    def new(tree: Any) -> Any:
+        if isinstance(tree, dict) and set(tree) == keys:
+            return {"model": {k: v for k, v in tree.items() if k not in names},
+                    "extra": {k: v for k, v in tree.items() if k in names}}
+        return tree
+
+    grouped = new(params)
+    opt_state = jax.tree.map(new, opt_state, is_leaf=lambda x: isinstance(x, dict) and set(x) == keys)
+    if jax.tree.structure(opt_state) != jax.tree.structure(abstract.opt_state):
+        raise UserError("the checkpoint's optimizer state (format 1, an older jaxdistil) does not fit this "
+                        "optimizer; resume it with the config that made it, or use a new run_dir")
+    return grouped["model"], grouped["extra"], opt_state

@@ -422,7 +422,7 @@ def test_saved_data_states_of_all_processes_are_merged(tmp_path):
 
     from etils import epath
 
-    from jaxdistil.checkpoint import DataStateHandler
+    from jaxdistil.training.checkpoint import DataStateHandler
 
     for rank, shards in enumerate((("0", "1"), ("2", "3"))):
         state = {"num_shards": 4, "shards": {k: {"pos": int(k) * 10} for k in shards}}
@@ -612,7 +612,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def _train_here(config: Path, overrides: list[str]) -> None:
     """1 process x 8 devices: this pytest process (conftest gives it 8 CPU devices)."""
-    from jaxdistil.config import load_run_config
+    from jaxdistil.distill.config import load_run_config
     from jaxdistil.train import train
 
     train(load_run_config(config, overrides), log=lambda *a, **k: None)

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistil.distill import sharding as shd
+from jaxdistil.training import sharding as shd
 from jaxdistil.distill import step as stp
 from jaxdistil.distill.losses import LossConfig
-from jaxdistil.distill.optim import OptimConfig
+from jaxdistil.training.optim import OptimConfig
 from jaxdistil.hf import load_model
 from jaxdistil.hf.names import flax_to_hf
 from jaxdistil.selfcheck import save_random_hf_model

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdistil import cli
 from jaxdistil.commands import shard_study as command
-from jaxdistil.distill import sharding as shd
+from jaxdistil.training import sharding as shd
 from jaxdistil.study import hlo, memory, report, study as st
 from jaxdistil.errors import UserError
 from jaxdistil.models import BertConfig, save_config
@@ -404,7 +404,7 @@ def test_study_errors(teacher_dir, tmp_path, capsys):
 
 
 def test_setup_from_config_and_replicate_fallback(teacher_dir, tmp_path):
-    from jaxdistil.config import load_run_config
+    from jaxdistil.distill.config import load_run_config
 
     assert st.model_config_for("bert-base-uncased", "teacher.model").hidden_size == 768
     assert st.model_config_for(str(teacher_dir), "teacher.model").num_attention_heads == 8

@@ -1,24 +1,25 @@
-"""The optimizer of the distillation step: AdamW with the reference's recipe, as one optax chain.
+"""The optimizer of every run: AdamW with the reference's recipe, as one optax chain.
 
 Where it sits in the flow of one batch:
-  loader -> masking -> teacher forward -> student forward -> losses -> grads -> **update** -> metrics.
-``jaxdistil.distill.step`` computes the student's gradients and hands them to the transformation built
-here, which turns them into parameter updates:
+  loader -> objective (masking, forward passes, losses) -> grads -> **update** -> metrics.
+The step template (``jaxdistil.training.step``) hands the gradients of the trainable tree
+(``jaxdistil.training.state.trainable``: the model's params and the objective's extra modules) to
+the transformation built here, which turns them into updates:
 
   grads --(frozen params: zeroed)--> clip by global norm (max_grad_norm)
         --> Adam moments (b1, b2, eps) --> + weight_decay * params (not biases, not LayerNorms)
         --> * -learning_rate(step)   (linear warm-up over warmup_prop * total_steps, linear decay to 0)
 
 This is PyTorch's ``AdamW`` + ``clip_grad_norm_`` + ``get_linear_schedule_with_warmup`` as the
-reference ``distiller.py`` uses them: decoupled weight decay (``p -= lr * wd * p``), eps added to
-``sqrt(v_hat)``, and a learning rate of ``lr * s / warmup`` at update ``s`` (0 at the first update).
-The reference's no-decay list (``bias``, ``LayerNorm.weight``) misses DistilBERT's ``sa_layer_norm`` /
-``output_layer_norm`` / ``vocab_layer_norm`` weights; we exempt every LayerNorm, as intended (the
-recipe's weight decay is 0.0, so results do not change).
+reference ``distiller.py`` and transformers' ``run_glue`` use them: decoupled weight decay
+(``p -= lr * wd * p``), eps added to ``sqrt(v_hat)``, and a learning rate of ``lr * s / warmup`` at
+update ``s`` (0 at the first update). The reference's no-decay list (``bias``, ``LayerNorm.weight``)
+misses DistilBERT's ``sa_layer_norm`` / ``output_layer_norm`` / ``vocab_layer_norm`` weights; we
+exempt every LayerNorm, as intended (the recipe's weight decay is 0.0, so results do not change).
 
-Frozen parameters (DistilBERT's sinusoidal position table when ``sinusoidal_pos_embds``) get zero
-updates and are left out of the gradient norm, as ``requires_grad=False`` does in PyTorch.
-Gradient accumulation (``grad_accum_steps``) happens inside the jitted step, not here.
+Frozen parameters (``frozen``: ``/``-joined paths in the tree the optimizer is given, e.g. a
+DistilBERT's sinusoidal position table) get zero updates and are left out of the gradient norm, as
+``requires_grad=False`` does in PyTorch. Gradient accumulation happens in the step, not here.
 """
 
 from __future__ import annotations
@@ -100,30 +101,6 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.join_schedules([rise, decay], [warmup])
 
 
-POSITIONS = "embeddings/position_embeddings/embedding"
-TOKEN_TYPES = "embeddings/token_type_embeddings/embedding"
-
-
-def frozen_param_paths(
-    model_cfg: Any | None, freeze_positions: bool = False, freeze_token_types: bool = False
-) -> tuple[str, ...]:
-    """Parameters that must not train (``/``-joined paths in the param tree).
-
-    The position table when asked (the reference's ``--freeze_pos_embs``) or when the DistilBERT
-    config has ``sinusoidal_pos_embds`` (transformers froze that table: ``requires_grad=False``);
-    the token-type table when asked (``--freeze_token_type_embds``), which needs a model that has one.
-    """
-    frozen = []
-    if freeze_positions or (model_cfg is not None and getattr(model_cfg, "sinusoidal", False)):
-        frozen.append(POSITIONS)
-    if freeze_token_types:
-        if model_cfg is not None and not getattr(model_cfg, "token_types", 0):
-            raise UserError(f"student.freeze_token_type_embds: the {type(model_cfg).__name__} student has no "
-                            "token-type embeddings; remove the option")
-        frozen.append(TOKEN_TYPES)
-    return tuple(frozen)
-
-
 def _is_box(x: Any) -> bool:
     return isinstance(x, nn.meta.AxisMetadata)
 
@@ -151,23 +128,20 @@ def trainable_mask(params: PyTree, frozen: tuple[str, ...] = ()) -> PyTree:
 
 
 def make_optimizer(
-    cfg: OptimConfig, params: PyTree | None = None, model_cfg: Any | None = None,
-    frozen: tuple[str, ...] | None = None,
+    cfg: OptimConfig, params: PyTree | None = None, frozen: tuple[str, ...] = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW + clipping + warm-up/decay schedule; returns ``(transformation, schedule)``.
 
-    params: the student's param tree (boxed or not, arrays or ShapeDtypeStructs); when given, the
-      frozen paths are checked to exist in it.
-    model_cfg: the student's model config; a DistilBERT config with ``sinusoidal_pos_embds`` freezes
-      the position table (its updates are zero and it is left out of clipping).
-    frozen: more paths to freeze (``frozen_param_paths``), on top of those ``model_cfg`` implies.
-      Frozen leaves get zero updates, no Adam moments, and are left out of the clipping norm.
+    params: the tree the optimizer will update (boxed or not, arrays or ShapeDtypeStructs); when
+      given, the frozen paths are checked to exist in it.
+    frozen: paths of that tree that must not train: zero updates, no Adam moments, left out of the
+      clipping norm.
     ``schedule(count)`` is the learning rate of update ``count`` (for logging: ``schedule(state.step)``).
     The transformation's ``init`` works on boxed params too, so ``jax.eval_shape(tx.init, boxed)``
     gives an optimizer state whose moments carry the params' logical axis names (for sharding).
     """
     schedule = make_schedule(cfg)
-    frozen = tuple(dict.fromkeys(frozen_param_paths(model_cfg) + tuple(frozen or ())))
+    frozen = tuple(dict.fromkeys(frozen))
     if params is not None and frozen:
         paths = set(jax.tree_util.tree_leaves(map_params(lambda path, _: path, params)))
         missing = [p for p in frozen if p not in paths]

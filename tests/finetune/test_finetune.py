@@ -31,8 +31,8 @@ from jaxdistil.selfcheck import save_random_hf_model
 
 torch = pytest.importorskip("torch")
 
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / "tests" / "data" / "golden" / "tokenizer"
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = REPO / "tests" / "fixtures" / "golden" / "tokenizer"
 VOCAB = len([line for line in (TOKENIZER / "vocab.txt").read_text().splitlines() if line])
 BERT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=40, initializer_range=0.2)
@@ -150,7 +150,7 @@ def _csv(path: Path, rows: list[tuple[str, str]], header=("sentence", "label")) 
 
 def csv_task(tmp_path: Path, n: int = 120) -> Path:
     rng = np.random.default_rng(0)
-    # Words of the test tokenizer's vocabulary (tests/data/golden_run.py); the label is in two of them.
+    # Words of the test tokenizer's vocabulary (tests/fixtures/golden_run.py); the label is in two of them.
     words = "the a of to and in is it that for on with as was by this be are".split()
     rows = []
     for i in range(n):

@@ -1,4 +1,4 @@
-"""Run checkpoints (jaxdistil.checkpoint): what is kept, restore onto another mesh, corrupt and
+"""Run checkpoints (jaxdistil.training.checkpoint): what is kept, restore onto another mesh, corrupt and
 half-written checkpoints, and ``restore_params``. End-to-end resume is in tests/test_train.py."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdistil.checkpoint import CheckpointConfig, RunCheckpointer, restore_params
+from jaxdistil.training.checkpoint import CheckpointConfig, RunCheckpointer
+from jaxdistil.hf.load import restore_run_params as restore_params
 from jaxdistil.distill.step import TrainState
 from jaxdistil.errors import UserError
 from jaxdistil.models import DistilBertConfig, build_model, init_params, save_config

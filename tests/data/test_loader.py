@@ -300,9 +300,9 @@ def test_the_recipe_mixes_lengths_in_every_update(data_dir):
 
     import dataclasses as dc
 
-    from jaxdistil.config import load_run_config
+    from jaxdistil.distill.config import load_run_config
 
-    recipe = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "distilbert-base-uncased.yaml")
+    recipe = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "distilbert-base-uncased.yaml")
     cfg = dc.replace(recipe.loader, batch_size=16, max_len=64, read_threads=1)
     lengths = [len(s) for s in _all_sequences(data_dir, "train").elements()]
     edges = np.quantile(lengths, [1 / 3, 2 / 3])  # short / medium / long thirds of the data

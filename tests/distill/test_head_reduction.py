@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxdistil import cli
-from jaxdistil.distill import sharding as shd
+from jaxdistil.training import sharding as shd
 from jaxdistil.distill.losses import (
     LossConfig, combine_losses, loss_counts, loss_sums, plain_loss_sums, shard_rows_bound)
 from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_params, save_config

@@ -1,8 +1,11 @@
 """What a run reports: ``RUN/metrics.jsonl`` (+ TensorBoard), the progress bar, throughput and MFU.
 
-``MetricsWriter`` writes one JSON object per logged step (process 0 only); ``TrainLog`` collects the
+``MetricsWriter`` writes one JSON object per logged step (process 0 only). ``TrainLog`` collects the
 train step's metrics without a device sync per step and turns an interval of them into one logged
-line: means of the losses, the last learning rate, tokens, tokens/s and MFU (model FLOPs of
+line, the way lm1b aggregates: the objective's losses and accuracies from the interval's SUMMED
+numerators over its SUMMED denominators (divided once, so a step with more masked tokens weighs
+more, exactly as one large batch would), totals such as tokens summed, the gradient and update
+norms averaged, the last learning rate and parameter norm; tokens/s and MFU (model FLOPs of
 ``jaxdistil.models.flops`` against a measured matmul peak), peak memory.
 """
 
@@ -23,8 +26,10 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-# Metrics of the train step that are averaged over a logging interval (the rest: last value or sum).
-MEAN_KEYS = ("loss", "loss_ce", "loss_mlm", "loss_clm", "loss_cos", "loss_mse", "mlm_accuracy", "grad_norm")
+# Step metrics averaged over an interval (norms); the last value is kept for these:
+MEAN_KEYS = ("grad_norm", "update_norm")
+LAST_KEYS = ("lr", "param_norm")
+RAW_KEYS = ("sums", "counts")  # the step's numerators and denominators
 
 
 def measure_peak_flops(dtype: Any) -> float:
@@ -107,18 +112,24 @@ class TrainLog:
 
     flops_per_token(T): model FLOPs of one update per token of a [*, T] batch; peak_flops: of all
     devices together. The first step of each batch shape compiles: it is kept out of throughput.
+    combine(sums, counts) -> (total, means): the objective's ``combine``, which turns an interval's
+    summed sums and counts into its means; totals: {log name: counts key} summed over the interval.
     """
 
     def __init__(self, writer: MetricsWriter, total_steps: int, start_step: int,
-                 flops_per_token: Callable[[int], float], peak_flops: float, progress: bool):
+                 flops_per_token: Callable[[int], float], peak_flops: float, progress: bool,
+                 combine: Callable[[Mapping, Mapping], tuple[Any, dict]] | None = None,
+                 totals: Mapping[str, str] | None = None):
         self.writer = writer
         self.flops_per_token = flops_per_token
         self.peak = peak_flops
+        self.combine = combine
+        self.totals = dict(totals or {})
         self.bar = None
         if writer.enabled and progress:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             file=sys.stderr, desc="train")
-        self.pending: list[dict[str, jax.Array]] = []
+        self.pending: list[dict[str, Any]] = []
         self.seen_shapes: set[tuple[int, int]] = set()
         self.last: dict[str, float] = {}
         self.restart_clock()
@@ -127,7 +138,7 @@ class TrainLog:
         """Throughput counts from now (after an evaluation, a compile...)."""
         self.tokens, self.flops, self.start = 0.0, 0.0, time.perf_counter()
 
-    def add(self, metrics: dict[str, jax.Array], host_batch: Mapping[str, np.ndarray]) -> None:
+    def add(self, metrics: dict[str, Any], host_batch: Mapping[str, np.ndarray]) -> None:
         """One update's metrics and this process's rows of its batch."""
         self.pending.append(metrics)
         b, t = host_batch["input_ids"].shape
@@ -142,18 +153,36 @@ class TrainLog:
         if self.bar is not None:
             self.bar.update(1)
 
+    def interval_values(self, values: list[dict[str, Any]]) -> dict[str, float]:
+        """One line from the host values of an interval's step metrics (see the class doc).
+
+        A one-step interval reports the step's own means; a longer one recomputes them from the
+        summed sums and counts (``combine``), never by averaging the steps' means.
+        """
+        scalars = [{k: v for k, v in x.items() if k not in RAW_KEYS} for x in values]
+        if len(values) == 1 or self.combine is None or "sums" not in values[0]:
+            out = {k: float(v) for k, v in scalars[-1].items() if k not in MEAN_KEYS}
+        else:
+            sums = {k: np.sum([x["sums"][k] for x in values], axis=0) for k in values[0]["sums"]}
+            counts = {k: np.sum([x["counts"][k] for x in values], axis=0) for k in values[0]["counts"]}
+            _, means = self.combine(sums, counts)
+            out = {k: float(v) for k, v in means.items()}
+            out.update({k: float(scalars[-1][k]) for k in LAST_KEYS if k in scalars[-1]})
+        for key in MEAN_KEYS:
+            if key in scalars[0]:
+                out[key] = float(np.mean([x[key] for x in scalars]))
+        for name, key in self.totals.items():
+            if "counts" in values[0] and key in values[0]["counts"]:
+                out[name] = float(sum(float(x["counts"][key]) for x in values))
+        return out
+
     def flush(self, step: int) -> None:
         """Writes one "train" line for the updates since the last flush (if any)."""
         if not self.pending:
             return
         values = jax.device_get(self.pending)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {k: float(np.mean([v[k] for v in values])) for k in MEAN_KEYS if k in values[0]}
-        out["lr"] = float(values[-1]["lr"])
-        out["param_norm"] = float(values[-1]["param_norm"])
-        out["tokens"] = float(sum(v["tokens"] for v in values))
-        if "masked_tokens" in values[0]:
-            out["masked_tokens"] = float(sum(v["masked_tokens"] for v in values))
+        out = self.interval_values(values)
         if self.tokens:
             out["tokens_per_s"] = self.tokens / elapsed
             out["mfu"] = self.flops / elapsed / self.peak

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistil.distill.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
+from jaxdistil.training.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 from jaxdistil.errors import UserError
 from jaxdistil.models import DistilBertConfig
 

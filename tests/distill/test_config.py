@@ -17,7 +17,7 @@ from jaxdistil.config import (
 )
 from jaxdistil.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name", ["distilbert-base-uncased", "tiny", "demo"])

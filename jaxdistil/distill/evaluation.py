@@ -9,7 +9,9 @@ comparable across steps, runs and models.
   jaxdistil evaluate --model RUN_DIR|FLAX_DIR|HF_DIR|HUB_ID --data DATA_DIR
 
 ``evaluate_params`` is the loop; ``HeldOut`` scores a run's models during training on every
-process's share of the same batches; ``evaluate_model`` scores a saved model (``jaxdistil evaluate``).
+process's share of the same batches; ``HeldOutEvaluator`` is the training loop's evaluator
+(``jaxdistil.training.hooks.Evaluator``) of a distillation run: the student's scores at every
+evaluation, the teacher's once; ``evaluate_model`` scores a saved model (``jaxdistil evaluate``).
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ from jaxdistil.data import loader as loader_lib
 from jaxdistil.data import manifest as manifest_lib
 from jaxdistil.data.global_batches import ShardedBatches
 from jaxdistil.data.masking import MaskingConfig
-from jaxdistil.distill import sharding as shd
 from jaxdistil.distill.builder import DistillStep, StepSpec
-from jaxdistil.distill.step import StepConfig
+from jaxdistil.distill.objective import StepConfig
 from jaxdistil.errors import UserError
 from jaxdistil.hf import load_model
+from jaxdistil.training import sharding as shd
 
 EVAL_SEED = 1234  # masks of held-out batch i: fold_in(PRNGKey(EVAL_SEED), i), the same for every model
 EVAL_SMOOTHING = 0.0  # uniform choice of the masked positions among real, non-special tokens
+SCORES = ("loss", "perplexity", "accuracy")  # the held-out figures of a training run's "eval" lines
 
 
 def eval_masking() -> MaskingConfig:
@@ -92,7 +95,7 @@ def evaluate_params(
     max_batches: int = 0,
     seed: int = EVAL_SEED,
 ) -> dict[str, float]:
-    """Runs ``eval_step`` (``jaxdistil.distill.step.make_eval_step``) over held-out batches.
+    """Runs ``eval_step`` (``DistillStep.eval_step``) over held-out batches.
 
     batches: host batches {input_ids, attention_mask[, segment_ids, position_ids]} [B, T];
     shard_batch: places one on the mesh; max_batches: 0 = all.
@@ -136,6 +139,42 @@ class HeldOut:
         else:
             step = self.built.eval_step(which, eval_masking())
         return evaluate_params(step, params, batches, self.weights, self.built.shard_batch, self.max_batches)
+
+
+class HeldOutEvaluator:
+    """A distillation run's evaluator: ``evaluator(state) -> {"student_loss", "student_perplexity",
+    "student_accuracy", ...}``, with the teacher's ``teacher_*`` scores at the first call (its
+    params do not change). mask_only: also the [MASK]-only accuracy ("*_mask_accuracy") and its
+    most-frequent-token baseline ("*_mask_baseline").
+    """
+
+    def __init__(self, held_out: HeldOut, teacher_params: Any = None, mask_only: bool = False):
+        self.held_out, self.teacher_params, self.mask_only = held_out, teacher_params, mask_only
+        self.teacher: dict[str, float] = {}
+        self.student: dict[str, float] = {}
+        self.names = SCORES + (("mask_accuracy", "mask_baseline") if mask_only else ())
+
+    def score(self, params: Any, which: str) -> dict[str, float]:
+        out = self.held_out.score(params, which)
+        if self.mask_only:
+            masked = self.held_out.score(params, which, mask_only=True)
+            out.update(mask_accuracy=masked["accuracy"], mask_baseline=masked["baseline_accuracy"])
+        return out
+
+    def __call__(self, state: Any) -> dict[str, float]:
+        values = {}
+        if self.teacher_params is not None and not self.teacher:  # once per process run
+            self.teacher = self.score(self.teacher_params, "teacher")
+            values.update({f"teacher_{k}": self.teacher[k] for k in self.names})
+        self.student = self.score(state.params, "student")
+        values.update({f"student_{k}": self.student[k] for k in self.names})
+        return values
+
+    def report(self, step: int, values: dict[str, float]) -> str:
+        """The console line of an evaluation."""
+        e = self.student
+        return (f"step {step}: held-out MLM loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}, accuracy "
+                f"{e['accuracy']:.4f}" + (f" (teacher {self.teacher['accuracy']:.4f})" if self.teacher else ""))
 
 
 def evaluate_model(

@@ -28,7 +28,7 @@ BERT = dict(vocab_size=80, hidden_size=16, num_hidden_layers=2, num_attention_he
             max_position_embeddings=24, initializer_range=0.2)
 DISTIL = dict(vocab_size=80, dim=16, n_layers=2, n_heads=2, hidden_dim=24, max_position_embeddings=24,
               initializer_range=0.2)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

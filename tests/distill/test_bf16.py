@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistil.distill import sharding as shd
+from jaxdistil.training import sharding as shd
 from jaxdistil.distill.losses import LossConfig
-from jaxdistil.distill.optim import OptimConfig, make_optimizer
+from jaxdistil.training.optim import OptimConfig, make_optimizer
 from jaxdistil.distill.step import StepConfig, build_models, init_train_state, make_train_step, shard_teacher
 from jaxdistil.models import BertConfig, DistilBertConfig, init_params
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxdistil import cli
-from jaxdistil.checkpoint import restore_params
+from jaxdistil.hf.load import restore_run_params as restore_params
 from jaxdistil.data import prepare
 from jaxdistil.hf import files
 from jaxdistil.hf.load import load_model
@@ -19,7 +19,7 @@ from jaxdistil.hf.verify import compare_with_transformers, sample_inputs
 
 torch = pytest.importorskip("torch", reason="the exported model is checked with transformers' PyTorch models")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("the a model data token learns from teacher student layer attention mask word sentence small large "
          "fast slow python function class module returns value list string number file path open read write "
          "paris france capital city river").split()

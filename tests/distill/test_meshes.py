@@ -16,10 +16,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxdistil.distill import sharding as shd
+from jaxdistil.training import sharding as shd
 from jaxdistil.distill import step as stp
 from jaxdistil.distill.losses import LossConfig
-from jaxdistil.distill.optim import OptimConfig, make_optimizer
+from jaxdistil.training.optim import OptimConfig, make_optimizer
 from jaxdistil.errors import UserError
 from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_params
 

@@ -1,0 +1,326 @@
+"""The distillation objective: DistilBERT's triple loss (and MLM-only / causal-LM training) as an
+``Objective`` of the step template (``jaxdistil.training.step``).
+
+Follow one batch through the step the template builds around it (all inside one ``jax.jit``,
+sharded by the rules of ``jaxdistil.training.sharding``):
+
+  loader batch {input_ids, attention_mask[, segment_ids, position_ids]} [B, T], rows over data x fsdp
+   -> prepare     ``mask_batch``: masking on device, ONCE on the whole batch, key
+                  split(fold_in(state.rng, step))[0]; the row weights and counts of every loss
+                  (``loss_weights``), before any forward pass
+   -> per micro-batch (the template's ``lax.scan``), ``sums``:
+        -> teacher forward   deterministic, stop_gradient, last hidden states [b, T, D]
+        -> student forward   train mode (dropout key from the template), last hidden states
+        -> losses            ``loss_sums`` with the MLM heads as callables (rows chunked / gathered)
+   -> combine     ``combine_losses``: the means of the WHOLE batch's counts and the weighted total
+
+Masking happens before the split so that the same batch gives the same masked positions whatever
+the accumulation (the accumulation test relies on it) and so that n = ceil(0.15 * real tokens) is
+counted over the whole batch, as the reference does per batch. Dropout keys differ per micro-batch,
+so with dropout > 0 the equality of k x b and k*b holds in distribution, not bitwise.
+
+MLM-only mode (no teacher and alpha_ce = alpha_cos = alpha_mse = 0) pre-trains a BERT with the same
+objective. L_cos's learned projection (``loss.cos_projection: linear``) is this objective's extra
+module ``cos_projection`` (``TrainState.extra``): trained with the student, never exported.
+``eval_sums`` scores a model (no dropout, no update) on a batch masked with a fixed key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxdistil.data.masking import MaskingConfig, causal_labels, mask_tokens
+from jaxdistil.distill.losses import (
+    SUM_KEYS,
+    LossConfig,
+    combine_losses,
+    loss_sums,
+    loss_weights,
+    max_masked_rows,
+)
+from jaxdistil.errors import UserError
+from jaxdistil.models import COMPUTE_DTYPES, build_model
+from jaxdistil.training import sharding as shd
+from jaxdistil.training.optim import OptimConfig
+
+PyTree = Any
+# Keys of a batch that are [B, T] arrays the models read (loader's packed batches add the last two).
+MODEL_INPUTS = ("attention_mask", "segment_ids", "position_ids")
+# The name of L_cos's learned projection (loss.cos_projection=linear) among the objective's extra
+# trainable modules (TrainState.extra): trained with the student, left out of exported models.
+COS_PROJECTION = "cos_projection"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything the step needs besides models, optimizer and mesh.
+
+    loss / masking / optim: the config sections (optim.grad_accum_steps micro-batches per update).
+    mask_id: the tokenizer's [MASK] id (103 in bert-base-uncased).
+    dtype: compute dtype of both models ("float32" or "bfloat16"); params stay float32.
+    remat: recompute the student's layers in the backward pass (less memory, ~1/3 more compute).
+    group_rows: with loss.normalize="group", rows [i g, (i+1) g) of a batch are masked and averaged
+      as one group (the reference's per-GPU micro-batch); unused with normalize="batch".
+    frozen: ``/``-joined paths of student parameters that get no update (``models.frozen_param_paths``).
+    causal: causal-LM training (GPT-2): no masking, next-token labels (``causal_labels``), and the
+      LM loss is L_clm (``loss.alpha_clm``).
+    projection: (student width, teacher width) of L_cos's learned projection (loss.cos_projection
+      = linear), or None.
+    """
+
+    loss: LossConfig = LossConfig()
+    masking: MaskingConfig = MaskingConfig()
+    optim: OptimConfig = OptimConfig()
+    mask_id: int = 103
+    dtype: str = "float32"
+    remat: bool = False
+    group_rows: int = 0
+    frozen: tuple[str, ...] = ()
+    causal: bool = False
+    projection: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.causal and self.loss.alpha_mlm > 0:
+            raise UserError("loss.alpha_mlm > 0 with a causal LM (GPT-2): it has no masked-LM loss; "
+                            "set loss.alpha_mlm=0 and loss.alpha_clm (the reference uses 2.0)")
+        if not self.causal and self.loss.alpha_clm > 0:
+            raise UserError("loss.alpha_clm > 0 with a masked LM: L_clm is for causal LMs (GPT-2); "
+                            "set loss.alpha_clm=0 and use loss.alpha_mlm")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise UserError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
+        if self.loss.normalize == "group" and self.group_rows < 1:
+            raise UserError("loss.normalize=group needs loader.group_rows > 0: the rows masked and "
+                            "averaged together (the reference's per-GPU batch_size, 5)")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.optim.grad_accum_steps
+
+    @property
+    def compute_dtype(self) -> Any:
+        return COMPUTE_DTYPES[self.dtype]
+
+
+def build_models(cfg: StepConfig, student_cfg: Any, teacher_cfg: Any | None = None):
+    """(student, teacher | None) Flax modules with the step's compute dtype (remat: student only)."""
+    student = build_model(student_cfg, dtype=cfg.compute_dtype, remat=cfg.remat)
+    teacher = None if teacher_cfg is None else build_model(teacher_cfg, dtype=cfg.compute_dtype)
+    return student, teacher
+
+
+def _check_models(student: nn.Module, teacher: nn.Module | None, cfg: StepConfig) -> None:
+    if teacher is None:
+        names = ("alpha_ce", "alpha_cos", "alpha_mse")
+        used = {k: getattr(cfg.loss, k) for k in names if getattr(cfg.loss, k)}
+        if used:
+            name = next(iter(used))
+            raise UserError(f"no teacher given but loss.{name}={used[name]}; set alpha_ce, alpha_cos and "
+                            "alpha_mse to 0 for MLM-only training, or give a teacher")
+        return
+    if teacher.cfg.vocab_size != student.cfg.vocab_size:
+        raise UserError(f"teacher vocab {teacher.cfg.vocab_size} != student vocab {student.cfg.vocab_size}; "
+                        "both models must share the tokenizer")
+    if teacher.cfg.causal != student.cfg.causal:
+        kinds = {True: "causal", False: "masked"}
+        raise UserError(f"the teacher ({teacher.cfg.model_type}) is a {kinds[teacher.cfg.causal]} LM but the student "
+                        f"({student.cfg.model_type}) a {kinds[student.cfg.causal]} one; distil like into like")
+    if cfg.loss.alpha_cos and teacher.cfg.hidden != student.cfg.hidden and cfg.projection is None:
+        raise UserError(f"teacher hidden size {teacher.cfg.hidden} != student hidden size {student.cfg.hidden}: "
+                        "L_cos needs equal widths; set loss.cos_projection=linear (a learned projection), "
+                        "loss.alpha_cos=0, or use a student of the teacher's width")
+
+
+def _model_kwargs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def mask_batch(
+    batch: Mapping[str, jax.Array], token_weights: jax.Array, key: jax.Array, cfg: StepConfig, vocab_size: int
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Masks the WHOLE batch and weighs the rows of each loss, before any forward pass.
+
+    batch: {input_ids, attention_mask[, segment_ids, position_ids]} [B, T].
+    loss.normalize="batch": one masking over the batch (n = ceil(p * its real tokens)).
+    loss.normalize="group": every group of ``group_rows`` rows masked on its own (n per group), as
+      the reference masks each micro-batch.
+    causal: no masking; labels are the next tokens (``causal_labels``).
+    Returns (inputs {input_ids (masked), labels, w_ce, w_mlm, w_cos, attention_mask[, ...]} [B, T],
+    counts: the denominators of ``combine_losses``, see ``losses.loss_weights``).
+    """
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    if cfg.causal:  # GPT-2: the input as it is, every next token a label
+        masked_ids, labels = ids, causal_labels(ids, attention, batch.get("segment_ids"))
+    elif cfg.loss.normalize == "group":
+        b, t = ids.shape
+        g = cfg.group_rows
+        if b % g:
+            raise UserError(f"batch size {b} is not a multiple of loader.group_rows={g}")
+        keys = jax.random.split(key, b // g)
+        masked_ids, labels = jax.vmap(
+            lambda k, i, m: mask_tokens(k, i, m, token_weights, cfg.mask_id, vocab_size, cfg.masking)
+        )(keys, ids.reshape(b // g, g, t), attention.reshape(b // g, g, t))
+        masked_ids, labels = masked_ids.reshape(b, t), labels.reshape(b, t)
+    else:
+        masked_ids, labels = mask_tokens(key, ids, attention, token_weights, cfg.mask_id, vocab_size,
+                                         cfg.masking)
+    weights, counts = loss_weights(labels, attention, cfg.loss, cfg.group_rows)
+    inputs = {"input_ids": masked_ids, "labels": labels, **_model_kwargs(batch)}
+    inputs.update({f"w_{k}": w for k, w in weights.items()})
+    return inputs, counts
+
+
+def micro_batch_sums(
+    student_model: nn.Module,
+    teacher_model: nn.Module | None,
+    cfg: StepConfig,
+    params: PyTree,
+    teacher_params: PyTree | None,
+    mb: Mapping[str, jax.Array],
+    dropout_key: jax.Array,
+    max_rows: int | None = None,
+    projection: PyTree | None = None,
+) -> dict[str, jax.Array]:
+    """Loss sums (float32 scalars ``SUM_KEYS``) of one masked micro-batch ``mb`` [b, T].
+
+    Teacher: deterministic, no gradient. Student: train mode (dropout from ``dropout_key``).
+    The MLM heads are passed to ``loss_sums`` as callables, which run them on chunks or on the
+    gathered masked rows only. projection: L_cos's {kernel, bias} (``COS_PROJECTION``) or None.
+    """
+    kwargs = _model_kwargs(mb)
+    teacher_hidden = teacher_head = None
+    if teacher_model is not None:
+        t_vars = {"params": teacher_params}
+        teacher_hidden = teacher_model.apply(
+            t_vars, mb["input_ids"], deterministic=True, method="encode", **kwargs
+        ).last_hidden_state
+        teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+        teacher_head = lambda h: teacher_model.apply(t_vars, h, method="mlm_logits")  # noqa: E731
+    s_vars = {"params": params}
+    student_hidden = student_model.apply(
+        s_vars, mb["input_ids"], deterministic=False, rngs={"dropout": dropout_key}, method="encode", **kwargs
+    ).last_hidden_state
+    # (fn, params): the loss runs the head on per-shard copies of the params, so that their gradient
+    # is reduced once per micro-batch, not once per chunk of rows (jaxdistil.distill.losses).
+    student_head = (lambda p, h: student_model.apply({"params": p}, h, method="mlm_logits"), params)
+    weights = {k: mb[f"w_{k}"] for k in ("ce", "mlm", "cos")}
+    cos_hidden = None
+    if projection is not None and teacher_hidden is not None:
+        # L_cos on the student's hidden states mapped to the teacher's width (float32, like the loss).
+        cos_hidden = (student_hidden.astype(jnp.float32) @ projection["kernel"].astype(jnp.float32)
+                      + projection["bias"].astype(jnp.float32))
+    sums = loss_sums(student_hidden, teacher_hidden, student_head, teacher_head, mb["labels"],
+                     mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights, cos_hidden=cos_hidden)
+    return {key: sums[key] for key in SUM_KEYS}
+
+
+def max_rows_bound(cfg: StepConfig, micro_batch: int, length: int) -> int | None:
+    """Static bound on the masked rows of one micro-batch of ``micro_batch`` x ``length`` (``loss_sums``'s
+    ``max_rows``), or None when every row is labelled (causal LMs)."""
+    if cfg.causal:
+        return None  # every real token but the last of each row is labelled: nothing to gather
+    k = cfg.grad_accum_steps
+    # The masking ran on the whole batch (or on groups spread over the micro-batches), so a
+    # micro-batch gets a random share of the masked positions: the bound needs its margin; groups
+    # each round their count up, by at most one position per group.
+    max_rows = max_masked_rows(micro_batch, length, cfg.masking.mlm_mask_prop, masked_batch=micro_batch * k)
+    if cfg.loss.normalize == "group":
+        max_rows = min(micro_batch * length, max_rows + micro_batch * k // cfg.group_rows)
+    return max_rows
+
+
+class DistillObjective:
+    """The triple loss as the step template's ``Objective``.
+
+    consts: {"teacher": the teacher's params (None in MLM-only mode), "token_weights": [V] float32
+    masking weights (0 for special tokens)}. metrics: "loss", "loss_ce", "loss_mlm", "loss_cos",
+    "loss_mse", "mlm_accuracy" (and "loss_clm" for causal LMs); totals: real and masked tokens.
+    """
+
+    totals = {"tokens": "tokens", "masked_tokens": "masked"}
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: StepConfig):
+        _check_models(student, teacher, cfg)
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.extra_init = {}
+        if cfg.projection is not None:
+            std = student.cfg.initializer_range
+            self.extra_init = {COS_PROJECTION: lambda key: projection_params(key, cfg.projection, std)}
+
+    def prepare(self, batch, consts, key):
+        mask_key = jax.random.split(key)[0]
+        with jax.named_scope("masking"):  # labels the compiled ops (profiles: benchmarks/trace_summary.py)
+            return mask_batch(batch, consts["token_weights"], mask_key, self.cfg, self.student.cfg.vocab_size)
+
+    def sums(self, params, micro, consts, key):
+        b, t = micro["input_ids"].shape
+        return micro_batch_sums(self.student, self.teacher, self.cfg, params["model"], consts["teacher"], micro,
+                                key, max_rows_bound(self.cfg, b, t), params["extra"].get(COS_PROJECTION))
+
+    def combine(self, sums, counts):
+        return combine_losses(sums, counts, self.cfg.loss)
+
+
+def eval_sums(model: nn.Module, cfg: StepConfig, baseline_id: int | None = None):
+    """``fn(params, batch, token_weights, rng) -> sums``: a model's held-out masked-LM sums on a
+    batch masked with ``rng`` (pass the same key every evaluation so scores are comparable), no
+    dropout. Sums add up over batches: "mlm_sum", "mlm_rows", "mlm_correct", "tokens"; loss =
+    mlm_sum / mlm_rows, accuracy = mlm_correct / mlm_rows. With ``baseline_id`` (e.g. the most
+    frequent token), also "baseline_correct": masked positions whose label it is.
+    Jit it with ``jaxdistil.training.step.make_eval_step``.
+    """
+    vocab = model.cfg.vocab_size
+    mlm_only = dataclasses.replace(cfg.loss, alpha_ce=0.0, alpha_cos=0.0, alpha_mse=0.0)
+
+    def fn(params, batch, token_weights, rng):
+        if cfg.causal:  # next-token prediction on the text as it is
+            masked_ids = batch["input_ids"]
+            labels = causal_labels(masked_ids, batch["attention_mask"], batch.get("segment_ids"))
+        else:
+            masked_ids, labels = mask_tokens(rng, batch["input_ids"], batch["attention_mask"],
+                                             token_weights, cfg.mask_id, vocab, cfg.masking)
+        v = {"params": params}
+        hidden = model.apply(v, masked_ids, deterministic=True, method="encode",
+                             **_model_kwargs(batch)).last_hidden_state
+        head = lambda h: model.apply(v, h, method="mlm_logits")  # noqa: E731
+        max_rows = None if cfg.causal else max_masked_rows(masked_ids.shape[0], masked_ids.shape[1],
+                                                           cfg.masking.mlm_mask_prop)
+        sums = loss_sums(hidden, None, head, None, labels, batch["attention_mask"], mlm_only, max_rows=max_rows)
+        out = {"mlm_sum": sums["mlm_sum"], "mlm_rows": sums["mlm_rows"],
+               "mlm_correct": sums["mlm_correct"], "tokens": sums["cos_rows"]}
+        if baseline_id is not None:
+            out["baseline_correct"] = jnp.sum(labels == baseline_id, dtype=jnp.float32)
+        return out
+
+    return fn
+
+
+def projection_params(key: jax.Array, widths: tuple[int, int], std: float, boxed: bool = True) -> PyTree:
+    """L_cos's projection {kernel [D_s, D_t] ~ N(0, std), bias [D_t] zeros}, boxed with logical axes
+    ("embed", "teacher_embed") like the models' params."""
+    d_s, d_t = widths
+    kernel = std * jax.random.normal(key, (d_s, d_t), jnp.float32)
+    bias = jnp.zeros((d_t,), jnp.float32)
+    if not boxed:
+        return {"kernel": kernel, "bias": bias}
+    return {"kernel": nn.Partitioned(kernel, names=("embed", "teacher_embed")),
+            "bias": nn.Partitioned(bias, names=("teacher_embed",))}
+
+
+def shard_teacher(
+    model: nn.Module,
+    params: PyTree,
+    mesh: Mesh,
+    rules: shd.Rules = shd.RULES,
+    sample_shape: tuple[int, int] = (1, 8),
+    strict: bool = False,
+) -> tuple[PyTree, PyTree]:
+    """Places the teacher's (unboxed) params by the rules: returns (sharded params, their shardings)."""
+    shardings = shd.param_shardings(model, mesh, rules, sample_shape, strict)
+    return shd.shard_params(params, shardings), shardings
