@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from jaxdistil import distributed as dist
-from jaxdistil.data import global_batches as gb
 from jaxdistil import launcher as launch
 from jaxdistil.commands import COMMANDS
+from jaxdistil.data import global_batches as gb
 from jaxdistil.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,7 +314,8 @@ def test_distributed_init_psum_over_gloo(tmp_path):
 RUN_LOCK = """
     import json, sys
     from pathlib import Path
-    from jaxdistil import distributed as dist, rundir
+    from jaxdistil import distributed as dist
+    from jaxdistil.training import rundir
     from jaxdistil.errors import UserError
     info = dist.initialize("auto")
     try:
@@ -331,7 +332,7 @@ RUN_LOCK = """
 def test_a_multiprocess_job_holds_one_lock(tmp_path):
     """Process 0 takes the run dir's lock once the job is up, the others wait for its outcome:
     either every process goes on, or every one stops with the same one-line error."""
-    from jaxdistil import rundir
+    from jaxdistil.training import rundir
 
     child = _script(tmp_path, "lock.py", RUN_LOCK)
     run = tmp_path / "run"

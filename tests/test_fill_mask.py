@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from families import hf_model, roberta_tokenizer
 
 from jaxdistil import cli
 from jaxdistil.errors import UserError
 from jaxdistil.fill_mask import fill_mask, load_tokenizer
+from jaxdistil.hf.export import export_hf
 from jaxdistil.hf.load import load_model, save_flax_model
 from jaxdistil.selfcheck import save_random_hf_model
 
 torch = pytest.importorskip("torch", reason="the reference is transformers' PyTorch fill-mask pipeline")
+transformers = pytest.importorskip("transformers")
 
 WORDS = ("the of and to in is was a capital city france paris germany berlin river country "
          "large small old new north south east west king queen man woman student teacher model "
@@ -107,3 +111,26 @@ def test_errors(models, tmp_path, capsys):
     assert "no tokenizer files" in capsys.readouterr().err
     with pytest.raises(UserError, match="no trained MLM head"):
         fill_mask(load_model(directory), tokenizer, TEXTS[0])
+
+
+def test_roberta_fill_mask_equals_the_pipeline(tmp_path):
+    tok = roberta_tokenizer(tmp_path / "bpe")
+    hf = hf_model("roberta", vocab=len(tok), std=0.5, pad_token_id=tok.pad_token_id)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf")
+    export_hf(loaded.config, loaded.params, tmp_path / "out", tokenizer_dir=tmp_path / "hf")
+    texts = ["The quick brown <mask> jumps over the lazy dog.", "A student learns from the <mask> targets."]
+    pipe = transformers.pipeline("fill-mask", model=str(tmp_path / "out"), tokenizer=str(tmp_path / "out"),
+                                 top_k=5, device="cpu")
+    for text in texts:
+        assert cli.main(["fill-mask", "--model", str(tmp_path / "out"), "--json", text]) == 0
+    from jaxdistil.fill_mask import fill_mask, load_tokenizer
+
+    ours = fill_mask(load_model(tmp_path / "out"), load_tokenizer(str(tmp_path / "out"), "out"), texts, top_k=5)
+    for text, got in zip(texts, ours):
+        want = pipe(text)
+        assert [p["token"] for p in got[0]] == [p["token"] for p in want]
+        assert [p["token_str"] for p in got[0]] == [p["token_str"] for p in want]
+        assert [p["sequence"] for p in got[0]] == [p["sequence"] for p in want]
+        np.testing.assert_allclose([p["score"] for p in got[0]], [p["score"] for p in want], rtol=1e-4)

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
+import golden_run  # tests/fixtures/ is on pytest's pythonpath (pyproject.toml)
 import jax
 import numpy as np
 import pytest
-
-import golden_run  # tests/fixtures/ is on pytest's pythonpath (pyproject.toml)
 
 from jaxdistil.distill.config import config_from_dict  # noqa: E402
 from jaxdistil.hf import load_model  # noqa: E402

@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from families import hf_model, ragged_batch
 
 from jaxdistil import cli
 from jaxdistil.errors import UserError
 from jaxdistil.hf import load_model, save_flax_model
+from jaxdistil.models import BertConfig, DistilBertConfig, build_model, config_from_hf_dict, init_params
 from jaxdistil.students import PAPER_LAYERS, student_from_teacher
-from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_params
 
 
 def tiny_bert(layers: int, **kw) -> BertConfig:
@@ -180,3 +181,22 @@ def test_cli_writes_flax_model_dir(tmp_path, capsys):
         == 2
     )
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["roberta", "gpt2"])
+def test_student_of_all_teacher_layers_is_the_teacher(kind):
+    hf = hf_model(kind, std=0.1)
+    cfg = config_from_hf_dict(hf.config.to_dict())
+    from jaxdistil.hf.names import hf_to_flax
+
+    params, _, _ = hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    s_cfg, s_params, _ = student_from_teacher(cfg, params, layers=(0, 1, 2))
+    assert type(s_cfg) is type(cfg)
+    s_half, half, _ = student_from_teacher(cfg, params, layers=(0, 2))
+    assert s_half.layers == 2
+    np.testing.assert_array_equal(half["encoder"]["layers"]["lin1"]["kernel"][1],
+                                  params["encoder"]["layers"]["lin1"]["kernel"][2])
+    ids, mask = ragged_batch(hf.config.vocab_size, 1 if kind == "roberta" else hf.config.eos_token_id)
+    a = build_model(cfg).apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)).logits
+    b = build_model(s_cfg).apply({"params": s_params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)).logits
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

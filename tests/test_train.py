@@ -299,7 +299,7 @@ def test_failed_save_is_one_line_and_earlier_checkpoints_restore(ref_run, tmp_pa
                                                                  async_save):
     """A save that fails (disk full, injected into the saver at step 6) ends the run with one line
     naming the step and the cause; the run then resumes exactly from step 4."""
-    from jaxdistil import checkpoint as ckpt_lib
+    from jaxdistil.training import checkpoint as ckpt_lib
 
     run = tmp_path / "full-disk"
     config = tmp_path / "run.yaml"

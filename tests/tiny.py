@@ -28,15 +28,17 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def student_cfg(dropout: float = 0.0, sinusoidal: bool = False, **kw) -> DistilBertConfig:
-    return DistilBertConfig(vocab_size=V, dim=D, n_heads=HEADS, hidden_dim=F, n_layers=LAYERS,
-                            max_position_embeddings=P, dropout=dropout, attention_dropout=dropout,
-                            sinusoidal_pos_embds=sinusoidal, **kw)
+    """The tiny DistilBERT student; ``kw``: other HF config fields (``dim=32``...)."""
+    return DistilBertConfig(**{**dict(vocab_size=V, dim=D, n_heads=HEADS, hidden_dim=F, n_layers=LAYERS,
+                                      max_position_embeddings=P, dropout=dropout, attention_dropout=dropout,
+                                      sinusoidal_pos_embds=sinusoidal), **kw})
 
 
 def teacher_cfg(dropout: float = 0.0, **kw) -> BertConfig:
-    return BertConfig(vocab_size=V, hidden_size=D, num_attention_heads=HEADS, intermediate_size=F,
-                      num_hidden_layers=LAYERS, max_position_embeddings=P, hidden_dropout_prob=dropout,
-                      attention_probs_dropout_prob=dropout, **kw)
+    """The tiny BERT teacher; ``kw``: other HF config fields."""
+    return BertConfig(**{**dict(vocab_size=V, hidden_size=D, num_attention_heads=HEADS, intermediate_size=F,
+                                num_hidden_layers=LAYERS, max_position_embeddings=P, hidden_dropout_prob=dropout,
+                                attention_probs_dropout_prob=dropout), **kw})
 
 
 def token_weights() -> np.ndarray:

@@ -296,9 +296,8 @@ def test_the_recipe_mixes_lengths_in_every_update(data_dir):
     """configs/distilbert-base-uncased.yaml's loader (its own keys, with the batch scaled down to
     this corpus): every update holds sequences from every length range, as the reference's updates
     do, while the default length grouping would give updates of one length range."""
-    from pathlib import Path
-
     import dataclasses as dc
+    from pathlib import Path
 
     from jaxdistil.distill.config import load_run_config
 

@@ -1,6 +1,6 @@
 """bf16 compute (fp32 master params and AdamW state) tracks the fp32 step over 50 updates.
 
-Tiny BERT teacher and DistilBERT student, a fixed batch, the real ``make_train_step``; the only
+Tiny BERT teacher and DistilBERT student, a fixed batch, the real step (``tiny.build``); the only
 difference between the two runs is ``StepConfig.dtype``. Masks, dropout keys and initial params are
 identical, so the loss curves differ only by bf16 rounding (8-bit mantissa, relative step 2^-8 =
 0.4%) in the matmuls, attention and activations, compounded through 50 updates.
@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
-from jaxdistil.training import sharding as shd
 from jaxdistil.distill.losses import LossConfig
-from jaxdistil.training.optim import OptimConfig, make_optimizer
-from jaxdistil.distill.step import StepConfig, build_models, init_train_state, make_train_step, shard_teacher
-from jaxdistil.models import BertConfig, DistilBertConfig, init_params
+from jaxdistil.distill.objective import StepConfig
+from jaxdistil.models import BertConfig, DistilBertConfig
+from jaxdistil.training.optim import OptimConfig
 
 STEPS = 50
 # bf16 vs fp32 per-step relative tolerance on the total loss (10x the largest gap measured here, 5e-4).
@@ -52,30 +52,21 @@ def _cfg(dtype: str) -> StepConfig:
 def _run_both() -> dict[str, tuple[np.ndarray, dict]]:
     """Losses of STEPS updates on the fixed batch for fp32 and bf16 compute, from the same init,
     and each final state's param / optimizer dtypes."""
-    mesh = shd.make_mesh(shd.MeshConfig(data=1), devices=jax.devices()[:1])
-    student, teacher = build_models(_cfg("float32"), STUDENT, TEACHER)
-    tx, schedule = make_optimizer(_cfg("float32").optim, model_cfg=STUDENT)
-    # One init for both runs (params are fp32 whatever the compute dtype); each run gets a copy
-    # because the step donates its state.
-    state0, shardings = init_train_state(student, jax.random.PRNGKey(1), tx, mesh)
-    t_params, t_shardings = shard_teacher(teacher, init_params(teacher, jax.random.PRNGKey(0)), mesh)
-    batch = shd.shard_batch(_batch(), mesh)
+    # One init for both runs (params are fp32 whatever the compute dtype): the same seed, drawn by
+    # the builder, and the same teacher.
     weights = np.ones(VOCAB, np.float32)
     weights[:5] = 0.0
-    weights = jax.device_put(jnp.asarray(weights), shd.replicated(mesh))
     out = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = _cfg(dtype)
-        student, teacher = build_models(cfg, STUDENT, TEACHER)
-        step = make_train_step(student, teacher, cfg, tx, schedule, mesh, shd.RULES, shardings, t_shardings)
-        state = jax.tree.map(lambda x: jnp.array(x, copy=True), state0)
+        t = tiny.build(_cfg(dtype), STUDENT, TEACHER, seed=1, student_params=None)
+        t.consts = t.built.consts(t.teacher_params, weights)
         losses = []
         for _ in range(STEPS):
-            state, metrics = step(state, t_params, batch, weights)
+            metrics = t.step(_batch())
             losses.append(float(metrics["loss"]))
         dtypes = {
-            "params": {x.dtype for x in jax.tree.leaves(state.params)},
-            "opt": {x.dtype for x in jax.tree.leaves(state.opt_state)
+            "params": {x.dtype for x in jax.tree.leaves(t.state.params)},
+            "opt": {x.dtype for x in jax.tree.leaves(t.state.opt_state)
                     if jnp.issubdtype(x.dtype, jnp.floating)},
         }
         out[dtype] = (np.asarray(losses), dtypes)

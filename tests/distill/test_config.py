@@ -1,4 +1,5 @@
-"""Run configs (jaxdistil.config): YAML, key=value overrides, typed sections, one-line errors."""
+"""Distillation run configs (jaxdistil.distill.config on jaxdistil.config): YAML, key=value overrides,
+typed sections, one-line errors."""
 
 from __future__ import annotations
 
@@ -7,20 +8,15 @@ from pathlib import Path
 import pytest
 
 from jaxdistil import cli
-from jaxdistil.config import (
-    RunConfig,
-    apply_overrides,
-    config_from_dict,
-    dump_run_config,
-    load_run_config,
-    to_dict,
-)
+from jaxdistil.config import apply_overrides, to_dict
+from jaxdistil.distill.config import RunConfig, config_from_dict, dump_run_config, load_run_config
 from jaxdistil.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["distilbert-base-uncased", "tiny", "demo"])
+@pytest.mark.parametrize("name", ["distilbert-base-uncased", "distilroberta-base", "distilgpt2", "tiny", "demo",
+                                  "teacher-pydocs"])
 def test_shipped_configs_load_and_round_trip(name, tmp_path):
     cfg = load_run_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, RunConfig)

@@ -14,10 +14,16 @@ import numpy as np
 import pytest
 
 from jaxdistil import cli
-from jaxdistil.training import sharding as shd
 from jaxdistil.distill.losses import (
-    LossConfig, combine_losses, loss_counts, loss_sums, plain_loss_sums, shard_rows_bound)
+    LossConfig,
+    combine_losses,
+    loss_counts,
+    loss_sums,
+    plain_loss_sums,
+    shard_rows_bound,
+)
 from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_params, save_config
+from jaxdistil.training import sharding as shd
 
 B, T, D, V = 8, 32, 16, 96
 

@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
-from tiny import FAST_COMPILE, MASK_ID, V, packed_batch, patterned_batch, random_batch, student_cfg, teacher_cfg
+from tiny import (
+    FAST_COMPILE,
+    MASK_ID,
+    V,
+    packed_batch,
+    patterned_batch,
+    random_batch,
+    student_cfg,
+    teacher_cfg,
+)
 
 from jaxdistil.data.masking import MaskingConfig
 from jaxdistil.distill import objective as stp
@@ -26,7 +35,6 @@ from jaxdistil.training import sharding as shd
 from jaxdistil.training.optim import OptimConfig
 from jaxdistil.training.state import trainable
 from jaxdistil.training.step import accumulate_grads
-
 
 # ------------------------------------------------------------------------------------------------
 # Gradients: the step's gradient path == autodiff of the plain loss == finite differences

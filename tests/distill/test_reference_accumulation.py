@@ -17,13 +17,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistil.training import sharding as shd
-from jaxdistil.distill import step as stp
+from jaxdistil.distill import objective as stp
 from jaxdistil.distill.losses import LossConfig
-from jaxdistil.training.optim import OptimConfig
 from jaxdistil.hf import load_model
 from jaxdistil.hf.names import flax_to_hf
 from jaxdistil.selfcheck import save_random_hf_model
+from jaxdistil.training.optim import OptimConfig
+from jaxdistil.training.state import trainable
+from jaxdistil.training.step import accumulate_grads
 
 torch = pytest.importorskip("torch")
 
@@ -65,7 +66,7 @@ def reference_loop(student, teacher, micro_batches):
 
 
 @pytest.mark.parametrize("accum", [1, K])
-def test_group_normalisation_equals_the_reference_loop(tmp_path, accum):
+def test_group_normalisation_equals_the_reference_loop(tmp_path, accum, tiny_step):
     from transformers import AutoModelForMaskedLM
 
     s_dir = save_random_hf_model("DistilBertForMaskedLM", tmp_path / "s", vocab_size=V, dim=D, n_layers=2,
@@ -82,25 +83,26 @@ def test_group_normalisation_equals_the_reference_loop(tmp_path, accum):
     attn = (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
     ids = (rng.integers(5, V, (K * ROWS, T)) * attn).astype(np.int32)
 
-    mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
     cfg = stp.StepConfig(
         loss=LossConfig(temperature=TEMPERATURE, alpha_ce=ALPHA_CE, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS,
                         normalize="group", chunk_rows=8),
         optim=OptimConfig(total_steps=10, grad_accum_steps=accum), mask_id=4, group_rows=ROWS)
-    student, teacher = stp.build_models(cfg, s_loaded.config, t_loaded.config)
     weights = np.ones(V, np.float32)
     weights[:5] = 0.0
-    batch = shd.shard_batch({"input_ids": ids, "attention_mask": attn}, mesh)
+    t = tiny_step(cfg, s_loaded.config, t_loaded.config, student_params=s_loaded.params,
+                  teacher_params=t_loaded.params)
+    objective, consts = t.built.objective, t.built.consts(t.teacher_params, weights)
+    batch = t.built.shard_batch({"input_ids": ids, "attention_mask": attn})
 
     @jax.jit
-    def ours(params, t_params):
-        inputs, counts = stp.mask_batch(batch, weights, jax.random.PRNGKey(3), cfg, V)
-        grads, sums = stp.accumulate_grads(student, teacher, cfg, params, t_params, inputs, counts,
-                                           jax.random.PRNGKey(4), mesh)
-        _, metrics = stp.combine_losses(sums, counts, cfg.loss)
-        return grads, metrics, inputs
+    def ours(params):
+        inputs, counts = objective.prepare(batch, consts, jax.random.PRNGKey(3))
+        grads, sums = accumulate_grads(objective, trainable(params, {}), inputs, counts, consts,
+                                       jax.random.PRNGKey(4), accum, t.mesh)
+        _, metrics = objective.combine(sums, counts)
+        return grads["model"], metrics, inputs
 
-    grads, metrics, inputs = jax.device_get(ours(s_loaded.params, t_loaded.params))
+    grads, metrics, inputs = jax.device_get(ours(t.state.params))
     labels = np.asarray(inputs["labels"])
     # Each micro-batch was masked on its own: ceil(0.15 * its real tokens) positions.
     for g in range(K):

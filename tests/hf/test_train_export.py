@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from jaxdistil import cli
-from jaxdistil.hf.load import restore_run_params as restore_params
 from jaxdistil.data import prepare
 from jaxdistil.hf import files
 from jaxdistil.hf.load import load_model
+from jaxdistil.hf.load import restore_run_params as restore_params
 from jaxdistil.hf.verify import compare_with_transformers, sample_inputs
 
 torch = pytest.importorskip("torch", reason="the exported model is checked with transformers' PyTorch models")

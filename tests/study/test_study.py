@@ -15,10 +15,11 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdistil import cli
 from jaxdistil.commands import shard_study as command
-from jaxdistil.training import sharding as shd
-from jaxdistil.study import hlo, memory, report, study as st
 from jaxdistil.errors import UserError
 from jaxdistil.models import BertConfig, save_config
+from jaxdistil.study import hlo, memory, report
+from jaxdistil.study import study as st
+from jaxdistil.training import sharding as shd
 
 # --------------------------------------------------------------------------------------------------
 # HLO text parsing (synthetic modules in the formats XLA prints)

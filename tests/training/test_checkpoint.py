@@ -13,11 +13,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdistil.training.checkpoint import CheckpointConfig, RunCheckpointer
-from jaxdistil.hf.load import restore_run_params as restore_params
-from jaxdistil.distill.step import TrainState
 from jaxdistil.errors import UserError
+from jaxdistil.hf.load import restore_run_params as restore_params
 from jaxdistil.models import DistilBertConfig, build_model, init_params, save_config
+from jaxdistil.training.checkpoint import CheckpointConfig, RunCheckpointer
+from jaxdistil.training.state import TrainState
 
 
 def _mesh(shape, names):

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistil.training.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 from jaxdistil.errors import UserError
 from jaxdistil.models import DistilBertConfig
+from jaxdistil.training.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 
 
 def hf_linear_warmup(step: int, warmup: int, total: int) -> float:

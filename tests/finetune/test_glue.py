@@ -1,0 +1,28 @@
+"""``glue --compare``: every task for a model and a teacher, the paper's table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from classifiers import csv_task, hf_model
+
+from jaxdistil import cli
+
+torch = pytest.importorskip("torch")
+
+
+def test_glue_command_compares_teacher_and_student(tmp_path, capsys):
+    task = csv_task(tmp_path)
+    teacher = hf_model(tmp_path / "teacher", "BertForMaskedLM")
+    student = hf_model(tmp_path / "student", "DistilBertForMaskedLM")
+    out = tmp_path / "glue"
+    assert cli.main(["glue", "--model", str(student), "--compare", str(teacher), "--tasks", str(task),
+                     "--output", str(out), "train.steps=4", "train.batch_size=8", "train.max_len=16",
+                     "logging.peak_tflops=1", "logging.progress=false"]) == 0
+    report = json.loads((out / "glue.json").read_text())
+    assert set(report["rows"]) == {"teacher", "student"} and report["tasks"] == ["task"]
+    s, t = report["rows"]["student"], report["rows"]["teacher"]
+    assert report["retention"]["task"] == pytest.approx(s["scores"]["task"] / t["scores"]["task"])
+    table = (out / "glue.md").read_text()
+    assert "| retention |" in table and "| student (student) |" in table
