@@ -11,6 +11,7 @@ import pytest
 from families import TEXTS, gpt2_tokenizer
 
 from jaxdistil import cli
+from jaxdistil.generate import generate
 from jaxdistil.hf import load_model
 from jaxdistil.hf.export import export_hf
 
@@ -39,6 +40,9 @@ def test_gpt2_greedy_generate_equals_transformers(tmp_path, capsys):
     got = json.loads(capsys.readouterr().out)
     assert got["token_ids"] == want
     assert got["text"] == tok.decode(ids[0].tolist() + want)
+    # The library function directly, on the loaded model.
+    (direct,) = generate(load_model(tmp_path / "out"), tok, prompt, new_tokens=10)
+    assert direct["token_ids"] == want
     # Sampling: reproducible from the seed, tokens in the vocabulary.
     samples = []
     for _ in range(2):

@@ -374,12 +374,17 @@ class RunCheckpointer:
         metadata = self.manager.item_metadata(step)
         problems: list[str] = []
         for item, tree in abstract.items():
-            try:
+            if item == "extra":
+                # Optional: a step without extra modules was written for another objective (a
+                # mismatch, not damage); a missing params or opt_state is damage (read fails later).
+                try:
+                    stored = metadata[item]
+                except (KeyError, AttributeError):
+                    stored = None
+                stored = {} if stored is None else stored
+            else:
                 stored = metadata[item]
-            except (KeyError, AttributeError):
-                stored = None
-            # An item the step lacks (e.g. no "extra": another objective) counts as empty.
-            problems = problems or _shape_mismatches(tree, {} if stored is None else stored, item, ignore)
+            problems = problems or _shape_mismatches(tree, stored, item, ignore)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise UserError(

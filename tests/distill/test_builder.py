@@ -22,7 +22,7 @@ from jaxdistil.training.optim import OptimConfig
 
 def test_run_step_spec_reads_the_run_config():
     cfg = config_from_dict({"student": {"freeze_pos_embs": True}, "loss": {"cos_projection": "linear"},
-                            "mesh": {"fsdp": 2, "rules": ["mlp=none"]}, "loader": {"group_rows": 5},
+                            "mesh": {"fsdp": 2, "rules": ["mlp=none"]}, "loader": {"batch_size": 10, "group_rows": 5},
                             "train": {"dtype": "bfloat16", "remat": True}})
     narrow = student_cfg(dim=32, hidden_dim=64, n_heads=4)
     spec = run_step_spec(cfg, narrow, teacher_cfg(), MASK_ID, total_steps=77, rules=("embed=none",))

@@ -26,3 +26,14 @@ def test_glue_command_compares_teacher_and_student(tmp_path, capsys):
     assert report["retention"]["task"] == pytest.approx(s["scores"]["task"] / t["scores"]["task"])
     table = (out / "glue.md").read_text()
     assert "| retention |" in table and "| student (student) |" in table
+
+
+def test_markdown_table_from_a_report():
+    from jaxdistil.finetune.glue import markdown_table
+
+    report = {"tasks": ["cola", "sst2"], "retention": {"cola": 0.5, "sst2": 0.9, "macro": 0.75},
+              "rows": {"teacher": {"model": "runs/t", "scores": {"cola": 40.0, "sst2": 90.0}, "macro_score": 65.0},
+                       "student": {"model": "x/s", "scores": {"cola": 20.0, "sst2": 81.0}, "macro_score": 50.5}}}
+    assert markdown_table(report).splitlines() == [
+        "| model | score | cola | sst2 |", "|:---|---:|---:|---:|", "| teacher (t) | 65.0 | 40.0 | 90.0 |",
+        "| student (s) | 50.5 | 20.0 | 81.0 |", "| retention | 75.0% | 50.0% | 90.0% |"]

@@ -11,6 +11,7 @@ from classifiers import hf_model, ragged
 
 from jaxdistil.hf import export_model, files, load_model
 from jaxdistil.hf.verify import flax_classifier_logits, torch_classifier_logits
+from jaxdistil.models.classification import ClassifierHead, family_of
 
 torch = pytest.importorskip("torch")
 
@@ -29,6 +30,8 @@ def test_classifier_parity_with_transformers(tmp_path, arch, extra, pairs):
     loaded = load_model(directory)
     assert loaded.head.num_labels == extra["num_labels"]
     assert loaded.head.regression == (extra.get("problem_type") == "regression")
+    assert isinstance(loaded.head, ClassifierHead) and family_of(loaded.config) == (
+        "bert" if arch.startswith("Bert") else "distilbert")
     ids, mask, types = ragged(0, pairs)
     ours = flax_classifier_logits(loaded.config, loaded.head, loaded.classifier_params(), ids, mask, types)
     theirs = torch_classifier_logits(directory, ids, mask, types)

@@ -9,11 +9,9 @@ import pytest
 from families import hf_model, ragged_batch
 
 from jaxdistil.hf import load_model
-from jaxdistil.models import (
-    GPT2Config,
-    RobertaConfig,
-    build_model,
-)
+from jaxdistil.models import GPT2Config, RobertaConfig, build_model
+from jaxdistil.models.gpt2 import GPT2LMHeadModel
+from jaxdistil.models.roberta import RobertaForMaskedLM
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,6 +29,7 @@ def test_logits_and_hidden_states_equal_transformers(kind, tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
     model = build_model(loaded.config)
+    assert type(model) is (RobertaForMaskedLM if kind == "roberta" else GPT2LMHeadModel)
     out = model.apply({"params": loaded.params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(out.logits)[real], ref.logits.numpy()[real], atol=1e-4)

@@ -19,6 +19,8 @@ import pytest
 from jaxdistil.hf.load import load_model
 from jaxdistil.hf.verify import flax_forward, max_diffs, torch_forward
 from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_params
+from jaxdistil.models.bert import BertForMaskedLM
+from jaxdistil.models.distilbert import DistilBertForMaskedLM
 from jaxdistil.selfcheck import BF16_REL_TOLERANCE, SENTENCES, minilm_dir, ragged_batch, save_random_hf_model
 
 torch = pytest.importorskip("torch", reason="parity tests compare against transformers' PyTorch models")
@@ -63,6 +65,7 @@ def test_random_model_parity(tmp_path, arch, config):
     assert loaded.has_mlm_head and loaded.source == "hf"
     is_bert = arch.startswith("Bert")
     assert isinstance(loaded.config, BertConfig if is_bert else DistilBertConfig)
+    assert type(build_model(loaded.config)) is (BertForMaskedLM if is_bert else DistilBertForMaskedLM)
     batch = _batch(loaded.config.vocab_size, is_bert)
     types = batch.get("token_type_ids")
     ours = flax_forward(loaded.config, loaded.params, batch["input_ids"], batch["attention_mask"], types)

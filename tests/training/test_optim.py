@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdistil.errors import UserError
-from jaxdistil.models import DistilBertConfig
+from jaxdistil.models import DistilBertConfig, frozen_param_paths
 from jaxdistil.training.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
 
 
@@ -88,7 +88,7 @@ def test_adamw_chain_matches_torch(sinusoidal):
     grads_seq = [[(k, 3 * rs.normal(size=v.shape).astype(np.float32)) for k, v in init]
                  for _ in range(cfg.total_steps)]
 
-    tx, _ = make_optimizer(cfg, unflat(init), model_cfg)
+    tx, _ = make_optimizer(cfg, unflat(init), frozen=frozen_param_paths(model_cfg))
     params = jax.tree_util.tree_map(jax.numpy.asarray, unflat(init))
     state = tx.init(params)
     for grads in grads_seq:
