@@ -276,7 +276,7 @@ class JaxStep:
             # Asynchronous dispatch: the next step is queued while this one runs, as in training.
             self.state, metrics = self.step(self.state, *self.args)
         self.jax.block_until_ready((self.state, metrics))
-        return {k: float(v) for k, v in metrics.items()}
+        return {k: float(v) for k, v in metrics.items() if not isinstance(v, dict)}  # (not the raw sums, counts)
 
     def peak_memory(self) -> int | None:
         """The compiled step's footprint (exact, per shape); on CPU too."""

@@ -43,10 +43,11 @@ def test_installed_wheel_runs_outside_the_source_tree(wheel, tmp_path):
                              capture_output=True, text=True, check=True).stdout.strip()
     # The dependencies come from this environment (a path line: its .pth files, among them the
     # editable install of the source tree, are not run); jaxdistil itself only from the wheel.
-    Path(purelib, "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    # --ignore-installed: the dependencies' path also holds the editable install's metadata.
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                    str(wheel)], check=True, timeout=300, env=env)
+    Path(purelib, "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -57,8 +58,10 @@ def test_installed_wheel_runs_outside_the_source_tree(wheel, tmp_path):
         assert res.returncode == 0, (args, res.stdout[-2000:], res.stderr[-3000:])
         return res
 
-    where = subprocess.run([str(python), "-c", "import jaxdistil; print(jaxdistil.__file__)"], cwd=work, env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    res = subprocess.run([str(python), "-c", "import jaxdistil; print(jaxdistil.__file__)"], cwd=work, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    where = res.stdout.strip()
     assert where.startswith(purelib), where  # the wheel's copy, not the source tree
     words = "the a of to and in is it that for on with as was by this be are from at or".split()
     (work / "corpus.txt").write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(20))
