@@ -38,6 +38,7 @@ from jaxdistil.distill.builder import DistillStep, run_step_spec
 from jaxdistil.distill.config import RunConfig
 from jaxdistil.distill.evaluation import HeldOut, HeldOutEvaluator
 from jaxdistil.errors import UserError
+from jaxdistil.models import COMPUTE_DTYPES, attention
 from jaxdistil.models.flops import train_flops_per_token
 from jaxdistil.training import loop, rundir
 from jaxdistil.training import sharding as shd
@@ -101,6 +102,8 @@ def train(cfg: RunConfig, log=print, force_unlock: bool = False) -> TrainResult:
     if not cfg.data.dir:
         raise UserError("data.dir is not set; prepare data with `jaxdistil prepare` and pass data.dir=DIR")
     manifest = manifest_lib.load_manifest(cfg.data.dir)
+    impl = attention.resolve(cfg.train.attention, COMPUTE_DTYPES[cfg.train.dtype])  # recorded in config.yaml
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, attention=impl))
     with rundir.hold(run_dir, force_unlock):
         return _run(cfg, run_dir, manifest, log if distributed.is_main_process() else (lambda *a, **k: None))
 

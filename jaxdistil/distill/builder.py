@@ -64,7 +64,7 @@ def run_step_spec(cfg: Any, student: ModelConfig, teacher: ModelConfig | None, m
     frozen = frozen_param_paths(student, cfg.student.freeze_pos_embs, cfg.student.freeze_token_type_embds)
     step = StepConfig(
         loss=cfg.loss, masking=cfg.masking, optim=dataclasses.replace(cfg.optim, total_steps=total_steps),
-        mask_id=int(mask_id), dtype=cfg.train.dtype, remat=cfg.train.remat,
+        mask_id=int(mask_id), dtype=cfg.train.dtype, attention=cfg.train.attention, remat=cfg.train.remat,
         group_rows=cfg.loader.group_rows, frozen=frozen, causal=student.causal,
         projection=cos_projection(cfg.loss, student, teacher))
     mesh = dataclasses.replace(cfg.mesh, rules=tuple(cfg.mesh.rules) + tuple(rules))

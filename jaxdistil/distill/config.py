@@ -29,7 +29,7 @@ from jaxdistil.data.masking import MaskingConfig
 from jaxdistil.distill.losses import LossConfig
 from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
-from jaxdistil.models import COMPUTE_DTYPES
+from jaxdistil.models import COMPUTE_DTYPES, attention
 from jaxdistil.models.configs import CONFIG_CLASSES
 from jaxdistil.training.checkpoint import CheckpointConfig
 from jaxdistil.training.optim import OptimConfig
@@ -116,6 +116,9 @@ class TrainConfig:
     eval_batches: held-out batches per evaluation; 0 = the whole held-out split.
     log_every: metrics (loss, lr, grad norm, tokens/s...) every N steps.
     dtype: compute dtype of both models (float32, bfloat16); params and optimizer state stay float32.
+    attention: the attention implementation (jaxdistil.models.attention): auto (cuDNN's fused
+      attention on a GPU in bf16, XLA's elsewhere), xla, cudnn or einsum; the run's config.yaml
+      records what auto resolved to.
     remat: recompute each layer's activations in the backward pass (less memory, ~30% more compute).
     compile_cache: directory of JAX's persistent compilation cache (a restarted run loads its compiled
       step instead of compiling again); null = off.
@@ -130,6 +133,7 @@ class TrainConfig:
     eval_batches: int = 0
     log_every: int = 10
     dtype: str = "float32"
+    attention: str = "auto"
     remat: bool = False
     compile_cache: str | None = None
     eval_mask_only: bool = False
@@ -141,6 +145,9 @@ class TrainConfig:
             raise UserError("train.eval_every must be >= -1, train.eval_batches >= 0, train.log_every >= 1")
         if self.dtype not in COMPUTE_DTYPES:
             raise UserError(f"train.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise UserError(f"train.attention must be one of {', '.join(attention.IMPLEMENTATIONS)}, "
+                            f"got {self.attention!r}")
 
 
 @dataclasses.dataclass(frozen=True)

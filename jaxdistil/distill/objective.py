@@ -46,7 +46,7 @@ from jaxdistil.distill.losses import (
     max_masked_rows,
 )
 from jaxdistil.errors import UserError
-from jaxdistil.models import COMPUTE_DTYPES, build_model
+from jaxdistil.models import COMPUTE_DTYPES, attention, build_model
 from jaxdistil.training import sharding as shd
 from jaxdistil.training.optim import OptimConfig
 
@@ -65,6 +65,8 @@ class StepConfig:
     loss / masking / optim: the config sections (optim.grad_accum_steps micro-batches per update).
     mask_id: the tokenizer's [MASK] id (103 in bert-base-uncased).
     dtype: compute dtype of both models ("float32" or "bfloat16"); params stay float32.
+    attention: attention implementation of both models (``jaxdistil.models.attention``; "auto" is
+      resolved for the platform and dtype when the models are built).
     remat: recompute the student's layers in the backward pass (less memory, ~1/3 more compute).
     group_rows: with loss.normalize="group", rows [i g, (i+1) g) of a batch are masked and averaged
       as one group (the reference's per-GPU micro-batch); unused with normalize="batch".
@@ -80,6 +82,7 @@ class StepConfig:
     optim: OptimConfig = OptimConfig()
     mask_id: int = 103
     dtype: str = "float32"
+    attention: str = "auto"
     remat: bool = False
     group_rows: int = 0
     frozen: tuple[str, ...] = ()
@@ -109,9 +112,11 @@ class StepConfig:
 
 
 def build_models(cfg: StepConfig, student_cfg: Any, teacher_cfg: Any | None = None):
-    """(student, teacher | None) Flax modules with the step's compute dtype (remat: student only)."""
-    student = build_model(student_cfg, dtype=cfg.compute_dtype, remat=cfg.remat)
-    teacher = None if teacher_cfg is None else build_model(teacher_cfg, dtype=cfg.compute_dtype)
+    """(student, teacher | None) Flax modules with the step's compute dtype and attention (remat:
+    student only)."""
+    impl = attention.resolve(cfg.attention, cfg.compute_dtype)
+    student = build_model(student_cfg, dtype=cfg.compute_dtype, remat=cfg.remat, attention=impl)
+    teacher = None if teacher_cfg is None else build_model(teacher_cfg, dtype=cfg.compute_dtype, attention=impl)
     return student, teacher
 
 

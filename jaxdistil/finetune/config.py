@@ -18,7 +18,7 @@ from jaxdistil.config import LoggingConfig, apply_overrides, build_section, read
 from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
 from jaxdistil.finetune.tasks import TaskConfig
-from jaxdistil.models import COMPUTE_DTYPES
+from jaxdistil.models import COMPUTE_DTYPES, attention
 from jaxdistil.training.checkpoint import CheckpointConfig
 from jaxdistil.training.optim import OptimConfig
 from jaxdistil.training.sharding import MeshConfig
@@ -32,6 +32,7 @@ class FinetuneTrainConfig:
     batch_size: examples per update on this host; max_len: tokens per example (padded, truncated).
     seed: the head's init, dropout and the data order. eval_every: evaluate every N updates (and at
     the end); 0 = at the end only. log_every: metrics every N updates. dtype: compute dtype.
+    attention: the attention implementation (jaxdistil.models.attention: auto, xla, cudnn, einsum).
     """
 
     epochs: float = 3.0
@@ -42,6 +43,7 @@ class FinetuneTrainConfig:
     eval_every: int = 0
     log_every: int = 10
     dtype: str = "float32"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
@@ -51,6 +53,9 @@ class FinetuneTrainConfig:
                             "train.log_every >= 1 are required")
         if self.dtype not in COMPUTE_DTYPES:
             raise UserError(f"train.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise UserError(f"train.attention must be one of {', '.join(attention.IMPLEMENTATIONS)}, "
+                            f"got {self.attention!r}")
 
 
 RUN_GLUE_OPTIM = OptimConfig(learning_rate=2e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,

@@ -34,7 +34,7 @@ from jaxdistil.finetune.step import build_classifier_step
 from jaxdistil.finetune.tasks import load_task
 from jaxdistil.hf.files import copy_tokenizer_files
 from jaxdistil.hf.load import load_model_arg
-from jaxdistil.models import BertConfig, ConfigError, save_config
+from jaxdistil.models import COMPUTE_DTYPES, BertConfig, ConfigError, attention, save_config
 from jaxdistil.models.classification import ClassifierHead, build_classifier, family_of, fresh_head
 from jaxdistil.models.flops import forward_flops_per_token
 from jaxdistil.training import loop, rundir
@@ -97,6 +97,8 @@ def finetune(cfg: FinetuneConfig, log=print, force_unlock: bool = False) -> Fine
     eval_arrays = {name: encode(tokenizer, ex, max_len, types) for name, ex in task.validation.items()}
     head = ClassifierHead(num_labels=task.num_labels, problem_type=task.problem_type, labels=task.label_names)
     run_dir = Path(cfg.run_dir).expanduser().absolute()
+    impl = attention.resolve(cfg.train.attention, COMPUTE_DTYPES[cfg.train.dtype])  # recorded in config.yaml
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, attention=impl))
     with rundir.hold(run_dir, force_unlock):
         return _run(cfg, run_dir, task, loaded, head, train_arrays, eval_arrays, tokenizer, say)
 
@@ -137,7 +139,7 @@ def _run(cfg, run_dir, task, loaded, head, train_arrays, eval_arrays, tokenizer,
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
     epochs = max(1, math.ceil(total / per_epoch)) + 1  # the iterator never runs dry before `total`
     optim = dataclasses.replace(cfg.optim, total_steps=total)
-    step = build_classifier_step(loaded.config, head, optim, cfg.mesh, cfg.train.dtype)
+    step = build_classifier_step(loaded.config, head, optim, cfg.mesh, cfg.train.dtype, cfg.train.attention)
     shd.check_batch(batch, step.mesh, optim.grad_accum_steps)
 
     # ---- state: resume own checkpoint > the loaded model (+ a fresh head when its own does not fit)

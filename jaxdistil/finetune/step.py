@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdistil.models import COMPUTE_DTYPES, ModelConfig, frozen_param_paths
+from jaxdistil.models import COMPUTE_DTYPES, ModelConfig, attention, frozen_param_paths
 from jaxdistil.models.classification import ClassifierHead, SequenceClassifier, build_classifier
 from jaxdistil.training import sharding as shd
 from jaxdistil.training.optim import OptimConfig
@@ -81,10 +81,11 @@ class ClassifierStep:
     """
 
     def __init__(self, cfg: ModelConfig, head: ClassifierHead, optim: OptimConfig, mesh_cfg: shd.MeshConfig,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", attention_impl: str = "auto"):
         self.mesh = shd.make_mesh(mesh_cfg)
         self.rules = shd.make_rules(mesh_cfg.rules)
-        self.model = build_classifier(cfg, head, dtype=COMPUTE_DTYPES[dtype])
+        impl = attention.resolve(attention_impl, COMPUTE_DTYPES[dtype])
+        self.model = build_classifier(cfg, head, dtype=COMPUTE_DTYPES[dtype], attention=impl)
         self.objective = ClassifierObjective(self.model, head.regression)
         self.core = TrainStep(self.model, self.objective, optim, self.mesh, self.rules,
                               frozen=frozen_param_paths(cfg), const_shardings={})
@@ -107,5 +108,5 @@ class ClassifierStep:
 
 
 def build_classifier_step(cfg: ModelConfig, head: ClassifierHead, optim: OptimConfig, mesh_cfg: shd.MeshConfig,
-                          dtype: str = "float32") -> ClassifierStep:
-    return ClassifierStep(cfg, head, optim, mesh_cfg, dtype)
+                          dtype: str = "float32", attention_impl: str = "auto") -> ClassifierStep:
+    return ClassifierStep(cfg, head, optim, mesh_cfg, dtype, attention_impl)

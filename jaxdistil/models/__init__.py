@@ -41,9 +41,11 @@ MODEL_CLASSES = {BertConfig: BertForMaskedLM, DistilBertConfig: DistilBertForMas
                  RobertaConfig: RobertaForMaskedLM, GPT2Config: GPT2LMHeadModel}
 
 
-def build_model(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False):
-    """The Flax module for a config (its LM: ``*ForMaskedLM``, or ``GPT2LMHeadModel``)."""
-    return MODEL_CLASSES[type(cfg)](cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+def build_model(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                attention: str = "xla"):
+    """The Flax module for a config (its LM: ``*ForMaskedLM``, or ``GPT2LMHeadModel``); ``attention``:
+    a resolved implementation of ``jaxdistil.models.attention``."""
+    return MODEL_CLASSES[type(cfg)](cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
 
 def init_params(model: TransformerMaskedLM, rng: jax.Array, length: int = 8, boxed: bool = False):

@@ -129,8 +129,9 @@ class SequenceClassifier(TransformerEncoder):
 
 
 def build_classifier(cfg: ModelConfig, head: ClassifierHead, dtype=jnp.float32, param_dtype=jnp.float32,
-                     remat: bool = False) -> SequenceClassifier:
-    return SequenceClassifier(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, head=head)
+                     remat: bool = False, attention: str = "xla") -> SequenceClassifier:
+    """The classifier of ``cfg``'s family; ``attention``: a resolved ``jaxdistil.models.attention`` name."""
+    return SequenceClassifier(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, head=head, attention=attention)
 
 
 def fresh_head(model: SequenceClassifier, rng: jax.Array) -> dict:

@@ -19,7 +19,6 @@ Shapes in docstrings: B batch, T sequence length, D hidden, N heads, H per-head 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from jaxdistil.models import attention
 
 Dtype = Any
 
@@ -166,13 +167,15 @@ class Embeddings(nn.Module):
 class TransformerLayer(nn.Module):
     """One transformer layer, post-LN (BERT family) or pre-LN (GPT-2, ``cfg.pre_ln``).
 
-    Call: (x [B,T,D], mask [B,1,T,T]) -> (x, (x, attention probs))."""
+    Call: (x [B,T,D], mask [B,1,T,T]) -> (x, (x, attention probs)). ``attention``: the
+    implementation (``jaxdistil.models.attention``), resolved already."""
 
     cfg: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     deterministic: bool = True
     output_attentions: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, mask):
@@ -191,16 +194,12 @@ class TransformerLayer(nn.Module):
             x = _layer_norm(cfg, dt, pdt, "sa_layer_norm")(x)
         q, k, v = proj("q_lin"), proj("k_lin"), proj("v_lin")  # [B, T, N, H]
         attn_dropout = 0.0 if self.deterministic else cfg.attention_dropout
-        probs = None
-        if self.output_attentions or attn_dropout > 0.0:
-            # Explicit softmax: needed to return the probabilities or to drop some of them.
-            scores = jnp.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(head_dim)
-            scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            kept = nn.Dropout(attn_dropout)(probs, deterministic=self.deterministic)
-            ctx = jnp.einsum("bnts,bsnh->btnh", kept, v)
-        else:
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(head_dim))
+        drop = None
+        if attn_dropout > 0.0:
+            dropout = nn.Dropout(attn_dropout)
+            drop = lambda p: dropout(p, deterministic=False)  # noqa: E731
+        ctx, probs = attention.attend(q, k, v, mask, self.attention, causal=cfg.causal, drop=drop,
+                                      return_probs=self.output_attentions)
         attn = nn.DenseGeneral(
             cfg.hidden, axis=(-2, -1), dtype=dt, param_dtype=pdt, name="out_lin",
             kernel_init=_normal(std, ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
@@ -246,6 +245,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     unroll: bool = True
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True, output_attentions: bool = False):
@@ -262,7 +262,7 @@ class Encoder(nn.Module):
             unroll=self.cfg.layers if self.unroll else 1,
         )
         x, (states, probs) = stack(
-            self.cfg, self.dtype, self.param_dtype, deterministic, output_attentions, name="layers"
+            self.cfg, self.dtype, self.param_dtype, deterministic, output_attentions, self.attention, name="layers"
         )(x, mask)
         if self.cfg.pre_ln:
             # GPT-2's ln_f: the last hidden state (and the last of hidden_states) is normalised.
@@ -303,10 +303,11 @@ class TransformerEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "xla"  # jaxdistil.models.attention, resolved (not "auto")
 
     def setup(self):
         self.embeddings = Embeddings(self.cfg, self.dtype, self.param_dtype)
-        self.encoder = Encoder(self.cfg, self.dtype, self.param_dtype, self.remat)
+        self.encoder = Encoder(self.cfg, self.dtype, self.param_dtype, self.remat, attention=self.attention)
 
     def encode(
         self,
