@@ -100,6 +100,7 @@ def test_committed_sample_report_is_its_runs_metrics():
     assert report["stage_seconds_total"] == pytest.approx(sum(report["stage_seconds"].values()), abs=0.1)
 
 
+@pytest.mark.slow
 def test_shipped_teacher_uses_context_in_transformers():
     """The shipped teacher's top-1 accuracy on [MASK]-replaced held-out positions, computed with
     transformers' BertForMaskedLM, is >= 3x the most-frequent-token baseline; a random-init BERT of

@@ -297,6 +297,7 @@ COLLECTIVES = """
 """
 
 
+@pytest.mark.slow
 def test_distributed_init_psum_over_gloo(tmp_path):
     child = _script(tmp_path, "collectives.py", COLLECTIVES)
     res = _run_launch(["--num-processes", "2", "--devices-per-process", "2", "--", str(child)], timeout=120)
@@ -329,6 +330,7 @@ RUN_LOCK = """
 """
 
 
+@pytest.mark.slow
 def test_a_multiprocess_job_holds_one_lock(tmp_path):
     """Process 0 takes the run dir's lock once the job is up, the others wait for its outcome:
     either every process goes on, or every one stops with the same one-line error."""
@@ -351,6 +353,7 @@ def test_a_multiprocess_job_holds_one_lock(tmp_path):
     assert refused[0].split("refused: ")[1] == refused[1].split("refused: ")[1]
 
 
+@pytest.mark.slow
 def test_initialize_after_jax_use_is_an_error(tmp_path):
     child = _script(tmp_path, "late.py", """
         import jax
@@ -525,6 +528,7 @@ def _result(stdout: str) -> list:
     return json.loads(line.split("RESULT ", 1)[1])
 
 
+@pytest.mark.slow
 def test_sharded_batches_do_not_depend_on_the_process_count(tmp_path):
     child = _script(tmp_path, "sharded.py", SHARDED)
     one = _run_launch(["--num-processes", "1", "--devices-per-process", "4", "--", str(child)])
@@ -620,10 +624,10 @@ def _train_here(config: Path, overrides: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> dict[str, str]:
-    """A persistent compilation cache for the launched runs: a relaunch does not compile again."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+def compile_cache() -> dict[str, str]:
+    """The session's persistent compilation cache (tests/conftest.py), passed on to the launched
+    runs: a relaunch does not compile again."""
+    return {k: os.environ[k] for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
 
 
 def _train_launched(config: Path, overrides: list[str], processes: int = 2, devices: int = 4,

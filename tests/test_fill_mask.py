@@ -64,6 +64,7 @@ def pipeline_top_k(directory, text, k=5):
     return result if isinstance(result[0], list) else [result]  # one list per mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "distilbert"])
 def test_top5_equals_pipeline(models, kind):
     loaded = load_model(models[kind])
@@ -80,6 +81,7 @@ def test_top5_equals_pipeline(models, kind):
     assert max(p["score"] for p in ours[0][0]) > 2.0 / loaded.config.vocab_size  # a peaked, not flat, guess
 
 
+@pytest.mark.slow
 def test_cli_on_hf_and_flax_dirs(models, tmp_path, capsys):
     flax_dir = tmp_path / "flax"
     loaded = load_model(models["distilbert"])
@@ -113,6 +115,7 @@ def test_errors(models, tmp_path, capsys):
         fill_mask(load_model(directory), tokenizer, TEXTS[0])
 
 
+@pytest.mark.slow
 def test_roberta_fill_mask_equals_the_pipeline(tmp_path):
     tok = roberta_tokenizer(tmp_path / "bpe")
     hf = hf_model("roberta", vocab=len(tok), std=0.5, pad_token_id=tok.pad_token_id)

@@ -42,6 +42,7 @@ def inputs(tmp_path_factory):
     return golden_run.build_inputs(tmp_path_factory.mktemp("golden"))
 
 
+@pytest.mark.slow
 def test_the_run_reproduces_its_recording(inputs, tmp_path):
     data, teacher = inputs
     run = tmp_path / "run"
@@ -57,6 +58,7 @@ def test_the_run_reproduces_its_recording(inputs, tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_recording_code_resumes(inputs, tmp_path):
     """The recorded checkpoint at step 8 (params, optimizer state, RNG, data-iterator state, as the
     code of the recording wrote them) restores and the run continues with the recorded losses."""

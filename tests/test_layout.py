@@ -47,6 +47,7 @@ def test_no_library_module_imports_a_command():
         assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package,forbidden", [("training", ("jaxdistil.distill", "jaxdistil.finetune")),
                                                ("finetune", ("jaxdistil.distill",))])
 def test_layers_of_the_package(package, forbidden):
@@ -58,9 +59,22 @@ def test_layers_of_the_package(package, forbidden):
     assert not bad, f"importing jaxdistil.{package} loads {sorted(bad)}"
 
 
-def test_every_library_module_has_a_test_that_imports_it():
-    tests = [p for p in (REPO / "tests").rglob("test_*.py")]
+def has_quick_test(path: Path) -> bool:
+    """The file has a test that ``pytest -m "not slow"`` runs (a ``test_*`` function not marked slow)."""
+    tree = ast.parse(path.read_text())
+    if any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+           and "slow" in ast.unparse(n.value) for n in tree.body):
+        return False
+    return any(isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+               and not any("slow" in ast.unparse(d) for d in n.decorator_list) for n in tree.body)
+
+
+@pytest.mark.parametrize("tier", ["all", "quick"])
+def test_every_library_module_has_a_test_that_imports_it(tier):
+    """Tests mirror the package: every library module is imported by a test file, and by one with a
+    quick test (so ``pytest -m "not slow"`` covers every module)."""
+    tests = [p for p in (REPO / "tests").rglob("test_*.py") if tier == "all" or has_quick_test(p)]
     used = set().union(*(imported(p) for p in tests))
     names = {module_name(p) for p in LIBRARY if p.name != "__init__.py"}
     missing = sorted(m for m in names if not any(u == m or u.startswith(m + ".") for u in used))
-    assert not missing, f"library modules no test imports: {missing}"
+    assert not missing, f"library modules no {'quick ' if tier == 'quick' else ''}test imports: {missing}"

@@ -25,6 +25,7 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_package_config_and_asset(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     source = {str(p.relative_to(REPO)) for p in (REPO / "jaxdistil").rglob("*.py")}

@@ -9,6 +9,7 @@ from jaxdistil import cli, selfcheck
 pytest.importorskip("torch", reason="selfcheck compares against transformers' PyTorch models")
 
 
+@pytest.mark.slow
 def test_selfcheck_passes(capsys):
     assert cli.main(["selfcheck", "--skip-pretrained"]) == 0
     out = capsys.readouterr().out

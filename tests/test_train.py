@@ -3,8 +3,9 @@ run-dir checks, the files a run writes, and the command's one-line errors.
 
 One tiny distillation run (``ref_run``: 2-layer BERT teacher, 1-layer student from its layer 1, 12
 steps, 8 CPU devices) is the reference every other test compares with. All runs share JAX's
-persistent compilation cache (the subprocess too), so each distinct step compiles once; the
-exact-resume test thereby also shows that a cached executable keeps losses bit-exact.
+persistent compilation cache (the session's, tests/conftest.py; the subprocess too), so each
+distinct step compiles once; the exact-resume test thereby also shows that a cached executable keeps
+losses bit-exact.
 """
 
 from __future__ import annotations
@@ -35,30 +36,6 @@ STEPS = 12
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (and the subprocess it starts)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = tmp_path_factory.mktemp("xla-cache")
-    saved = {
-        k: getattr(jax.config, k)
-        for k in (
-            "jax_compilation_cache_dir",
-            "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes",
-        )
-    }
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield path
-    for key, value in saved.items():
-        jax.config.update(key, value)
-    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +128,7 @@ def subprocess_env() -> dict[str, str]:
     return dict(
         os.environ,
         PYTHONPATH=str(REPO),
-        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+        JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
@@ -168,6 +145,7 @@ def _with(raw: dict, run_dir: Path, **sections) -> dict:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_reference_run_writes_everything(ref_run):
     run = ref_run["dir"]
     ref = ref_run["losses"]
@@ -294,6 +272,7 @@ def test_second_process_on_a_run_dir_is_refused(ref_run, tmp_path):
     assert losses(run) == ref_run["losses"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [True, False])
 def test_failed_save_is_one_line_and_earlier_checkpoints_restore(ref_run, tmp_path, capsys, monkeypatch,
                                                                  async_save):
@@ -323,6 +302,7 @@ def test_failed_save_is_one_line_and_earlier_checkpoints_restore(ref_run, tmp_pa
     assert result.step == STEPS and losses(run) == ref_run["losses"]
 
 
+@pytest.mark.slow
 def test_restore_onto_another_mesh(ref_run, tmp_path):
     """Saved with data=8 at step 4, resumed with fsdp=4 x tensor=2: the remaining losses match within 1e-5."""
     run = tmp_path / "remesh"
@@ -343,6 +323,7 @@ def test_restore_onto_another_mesh(ref_run, tmp_path):
     assert kernel.addressable_shards[0].data.shape == (1, 8, 32)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_resume_is_exact(ref_run, tmp_path):
     run = tmp_path / "term"
     raw = _with(ref_run["raw"], run)
@@ -363,6 +344,7 @@ def test_sigterm_saves_then_resume_is_exact(ref_run, tmp_path):
     assert losses(run) == ref_run["losses"]
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(ref_run, tmp_path, capsys):
     run = tmp_path / "corrupt"
     shutil.copytree(ref_run["dir"], run)
@@ -426,6 +408,7 @@ def test_errors_are_one_line(ref_run, tmp_path, capsys):
     assert "vocabulary" in line and "prepare the data" in line
 
 
+@pytest.mark.slow
 def test_evaluate_command(ref_run, data_dir, capsys):
     assert cli.main(["evaluate", "--model", str(ref_run["dir"]), "--data", str(data_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -436,6 +419,7 @@ def test_evaluate_command(ref_run, data_dir, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
 
 
+@pytest.mark.slow
 def test_mlm_only_random_bert(ref_run, tmp_path):
     """No teacher: a randomly initialised BERT trained with the MLM loss alone."""
     raw = _with(
@@ -474,6 +458,7 @@ def _opt_state_paths(run: Path, step: int) -> list[str]:
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["freeze_pos_embs", "sinusoidal_pos_embds"])
 def test_frozen_positions_stay_bit_identical_and_export_exactly(ref_run, tmp_path, how):
     """student.freeze_pos_embs (the reference's --freeze_pos_embs), or a teacher-initialised student
@@ -505,6 +490,7 @@ def test_frozen_positions_stay_bit_identical_and_export_exactly(ref_run, tmp_pat
                                   initial["embeddings"][pos]["embedding"])
 
 
+@pytest.mark.slow
 def test_frozen_token_types(ref_run, tmp_path, capsys):
     raw = _with(ref_run["raw"], tmp_path / "tt", teacher={"model": None},
                 student={"init": "random", "model_type": "bert", "freeze_token_type_embds": True,

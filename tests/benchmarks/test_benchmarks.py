@@ -31,6 +31,7 @@ step = _load("step")
 trace_summary = _load("trace_summary")
 
 
+@pytest.mark.slow
 def test_gpu_arguments_without_a_gpu(capsys):
     # The GPU plan: bf16, the three shapes, both PyTorch peers.
     assert step.main(["--device", "gpu", "--dry-run"]) == 0
@@ -51,6 +52,7 @@ def test_gpu_arguments_without_a_gpu(capsys):
         assert code.stderr.strip().splitlines()[-1].startswith("error: --device gpu but JAX sees no GPU")
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
@@ -70,6 +72,7 @@ sys.meta_path.insert(0, Block())
 """
 
 
+@pytest.mark.slow
 def test_step_and_benchmark_import_without_the_data_stack():
     """The lent GPU machines have no grain / tensorflow-datasets: the benchmark must build and run
     the jaxdistil step without them."""

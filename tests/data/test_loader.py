@@ -223,6 +223,7 @@ def test_packed_batches(data_dir):
         assert mask.mean() > 0.8  # packing leaves little padding
 
 
+@pytest.mark.slow
 def test_packed_forward_equals_unpacked_forward(data_dir):
     from jaxdistil.models import BertConfig, DistilBertConfig, build_model, init_params
 

@@ -65,6 +65,7 @@ def test_config_is_validated():
         MaskingConfig(mlm_mask_prop=0.0)
 
 
+@pytest.mark.slow
 def test_masking_statistics_over_many_batches():
     cfg = MaskingConfig()
     rng = np.random.default_rng(0)
@@ -103,6 +104,7 @@ def test_masking_statistics_over_many_batches():
     assert rand_ids.min() < 20 and rand_ids.max() > V - 20
 
 
+@pytest.mark.slow
 def test_rare_tokens_are_chosen_in_the_smoothed_ratio(smoothing=0.7):
     # Two tokens, equally frequent in the batch, with corpus counts 10 and 80: the rare one's
     # weight is 8 ** smoothing times larger. A small mask proportion keeps sampling without

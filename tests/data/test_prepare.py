@@ -154,6 +154,7 @@ def test_blank_line_documents_and_globs(tmp_path):
     assert len(man["source"]["files"]) == 2
 
 
+@pytest.mark.slow
 def test_parallel_workers_write_the_same_data(tmp_path):
     (tmp_path / "c.txt").write_text("\n".join(make_lines(1200, seed=2)))
     a = run_prepare(str(tmp_path / "c.txt"), tmp_path / "one", workers=1)
@@ -172,6 +173,7 @@ def test_parallel_workers_write_the_same_data(tmp_path):
     np.testing.assert_array_equal(manifest.token_counts(a), manifest.token_counts(b))
 
 
+@pytest.mark.slow
 def test_builtin_python_docs_corpus(tmp_path):
     first = list(itertools.islice(corpus.python_docs_documents(), 200))
     assert first == list(itertools.islice(corpus.python_docs_documents(), 200))  # deterministic

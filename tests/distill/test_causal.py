@@ -35,6 +35,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.slow
 def test_clm_loss_equals_torch_cross_entropy_on_shifted_logits():
     F = torch.nn.functional
     rng = np.random.default_rng(0)
@@ -65,6 +66,7 @@ def test_clm_loss_equals_torch_cross_entropy_on_shifted_logits():
     assert packed[0, 2] == IGNORE_INDEX and packed[0, 3] == ids[0, 4] and (packed[0, 6:] == IGNORE_INDEX).all()
 
 
+@pytest.mark.slow
 def test_gpt2_student_distils_from_a_gpt2_teacher():
     """A 2-layer GPT-2 student (teacher layers 0 and 2) distilled from a random 4-layer GPT-2 on a
     fixed batch: the triple loss (KL + L_clm + L_cos) falls by half within 100 updates."""
@@ -87,6 +89,7 @@ def test_gpt2_student_distils_from_a_gpt2_teacher():
     assert last["loss_ce"] < 0.5 * first["loss_ce"] and last["loss_cos"] < first["loss_cos"]
 
 
+@pytest.mark.slow
 def test_narrow_student_distils_through_a_projection():
     t_cfg = BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
                        intermediate_size=256, max_position_embeddings=32)
@@ -181,6 +184,7 @@ def single_device_runs():
     return {family: _sharded_run(family, shd.MeshConfig(data=1), jax.devices()[:1]) for family in FAMILIES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", list(MESHES))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_sharded_step_equals_single_device(single_device_runs, family, mesh):

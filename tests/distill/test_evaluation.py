@@ -75,6 +75,7 @@ def test_evaluator_scores_the_teacher_once():
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.slow
 def test_saved_model_loss_equals_transformers(tmp_path):
     """``evaluate_model`` of a random BertForMaskedLM directory: its loss and accuracy equal
     transformers' on the same masked held-out batches (masks drawn as the evaluation draws them)."""

@@ -65,6 +65,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_text", ["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_chunked_loss_equals_plain(mesh_text, case):
@@ -147,6 +148,7 @@ def _per_loop_ops(row):
     return [op for op in row["collectives"]["in_loops"] if "/encoder/" not in op["op_name"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("loss.restrict_ce_to_mask=true",)], ids=["all_rows", "restrict"])
 def test_head_gradient_reduced_once_per_step(teacher_dir, tmp_path, extra):
     _needs_8_devices()

@@ -74,6 +74,7 @@ def _torch_losses(s_logits, t_logits, s_hidden, t_hidden, am, labels, cfg: LossC
             "mlm_accuracy": acc, "loss": total}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restrict", [False, True])
 def test_parity_with_torch(restrict):
     sh, th, am, labels = _batch(n_masked=9)
@@ -105,6 +106,7 @@ def test_parity_with_torch(restrict):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_counts_and_aggregation_over_micro_batches():
     sh, th, am, labels = _batch(n_masked=8)
     ws, wt, bs = _linear_heads()
@@ -171,6 +173,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_efficient_equals_plain_values_and_grads(case):
     kwargs, max_rows, with_teacher, length = CASES[case]
@@ -247,6 +250,7 @@ def test_low_precision_logits_are_upcast():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restrict", [False, True])
 def test_check_grads_float64(restrict):
     from jax.test_util import check_grads
@@ -285,6 +289,7 @@ def _temp_bytes(fn, cfg, rows, vocab, hidden, **extra) -> int:
     return f.lower(w, h, h, w, i, i).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_compiled_temp_memory_chunked_vs_plain():
     rows, vocab, hidden = 1024, 30522, 8
     logits_mib = rows * vocab * 4 / 2**20
@@ -323,6 +328,7 @@ def test_max_masked_rows():
     assert 0.15 * 256 * 128 < big < 0.15 * 256 * 128 * 1.1
 
 
+@pytest.mark.slow
 def test_gathered_rows_are_sharded_over_the_batch_axis():
     """With a data-parallel mesh and an "activation_batch" rule, each device runs the heads on its
     share of the gathered rows (not all of them), and the numbers equal the single-device ones."""

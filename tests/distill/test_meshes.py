@@ -76,6 +76,7 @@ MESHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MESHES))
 def test_sharded_step_equals_single_device(reference, name):
     ref_init, ref_params, ref_metrics, _, _ = reference

@@ -53,6 +53,7 @@ def plain_total(student, teacher, loss_cfg, params, teacher_params, inputs):
             + loss_cfg.alpha_cos * cos_loss(s_out.hidden_states[-1], t_out.hidden_states[-1], am))
 
 
+@pytest.mark.slow
 def test_step_gradients_match_autodiff_and_finite_differences(tiny_step):
     # chunk_rows=48 < 8 x 16 rows per micro-batch: the chunked, rematerialised loss path runs.
     cfg = stp.StepConfig(loss=LossConfig(chunk_rows=48),
@@ -115,6 +116,7 @@ def test_step_gradients_match_autodiff_and_finite_differences(tiny_step):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_accumulation_equals_full_batch_packed_restricted(tiny_step):
     # restrict_ce_to_mask: each micro-batch gathers its masked rows (lax.cond fallback included);
     # packed rows: segment_ids / position_ids are split with the ids.
@@ -195,6 +197,7 @@ def test_distillation_learning_curve_and_frozen_positions(pretrained_teacher, ti
     assert not np.allclose(np.asarray(emb["word_embeddings"]["embedding"]), word0)
 
 
+@pytest.mark.slow
 def test_eval_step_is_deterministic(pretrained_teacher):
     t, _, _ = pretrained_teacher
     eval_step = t.built.eval_step("student")

@@ -65,6 +65,7 @@ def reference_loop(student, teacher, micro_batches):
     return logged, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, K])
 def test_group_normalisation_equals_the_reference_loop(tmp_path, accum, tiny_step):
     from transformers import AutoModelForMaskedLM

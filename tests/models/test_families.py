@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["roberta", "gpt2"])
 def test_logits_and_hidden_states_equal_transformers(kind, tmp_path):
     hf = hf_model(kind)
@@ -43,3 +44,28 @@ def test_logits_and_hidden_states_equal_transformers(kind, tmp_path):
     low = build_model(loaded.config, dtype=jnp.bfloat16).apply(
         {"params": loaded.params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
     assert np.abs(np.asarray(low.logits, np.float32)[real] - ref.logits.numpy()[real]).max() < 0.1
+
+
+def test_build_model_picks_each_familys_class_and_tree():
+    """Each config builds its family's module, whose parameter tree has the names the HF name table
+    (``jaxdistil.hf.names``) maps (shapes only: ``jax.eval_shape``, nothing compiled)."""
+    import jax
+
+    from jaxdistil.models import BertConfig, DistilBertConfig, init_params
+    from jaxdistil.models.bert import BertForMaskedLM
+    from jaxdistil.models.distilbert import DistilBertForMaskedLM
+
+    cases = [(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+              BertForMaskedLM, {"embeddings", "encoder", "mlm_head"}, True),
+             (DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64), DistilBertForMaskedLM,
+              {"embeddings", "encoder", "mlm_head"}, False),
+             (RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+              RobertaForMaskedLM, {"embeddings", "encoder", "mlm_head"}, True),
+             (GPT2Config(n_embd=32, n_layer=1, n_head=2), GPT2LMHeadModel, {"embeddings", "encoder"}, False)]
+    for cfg, cls, top, token_types in cases:
+        model = build_model(cfg)
+        assert type(model) is cls
+        tree = jax.eval_shape(lambda m=model: init_params(m, jax.random.PRNGKey(0)))
+        assert set(tree) == top
+        assert ("token_type_embeddings" in tree["embeddings"]) == token_types
+        assert tree["encoder"]["layers"]["q_lin"]["kernel"].shape == (1, 32, 2, 16)  # [layers, embed, heads, kv]

@@ -58,6 +58,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,config", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
 def test_random_model_parity(tmp_path, arch, config):
     directory = save_random_hf_model(arch, tmp_path / "hf", seed=len(config), **config)
@@ -76,6 +77,7 @@ def test_random_model_parity(tmp_path, arch, config):
     assert diffs["logits"] <= TOL and diffs["hidden_states"] <= TOL, diffs
 
 
+@pytest.mark.slow
 def test_sinusoidal_table_matches_transformers(tmp_path):
     """The importer reads DistilBERT's stored sinusoidal table, and the Flax init builds the same one."""
     cfg = dict(DISTIL, sinusoidal_pos_embds=True)
@@ -86,6 +88,7 @@ def test_sinusoidal_table_matches_transformers(tmp_path):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bert_model_without_head_parity(tmp_path):
     """A BertModel checkpoint loads as an encoder (pooler ignored, has_mlm_head False)."""
     directory = save_random_hf_model("BertModel", tmp_path / "hf", **BERT)
@@ -101,6 +104,7 @@ def test_bert_model_without_head_parity(tmp_path):
     assert diffs["hidden_states"] <= TOL, diffs
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_real_tokens(tmp_path):
     """Each row of a padded batch gives the outputs it gives alone (padding is masked out)."""
     loaded = load_model(save_random_hf_model("DistilBertForMaskedLM", tmp_path / "hf", **DISTIL))
@@ -125,6 +129,7 @@ def minilm():
     return directory, load_model(directory), batch
 
 
+@pytest.mark.slow
 def test_pretrained_minilm_matches_transformers(minilm):
     directory, loaded, batch = minilm
     assert isinstance(loaded.config, BertConfig) and loaded.config.layers == 6
@@ -142,6 +147,7 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.slow
 def test_bf16_compute_within_documented_tolerance(minilm, tmp_path):
     """bf16 compute (fp32 params, fp32 LayerNorm statistics) vs fp32: relative error of every
     hidden state and of the logits <= BF16_REL_TOLERANCE (2%; measured about 1%)."""
@@ -167,6 +173,7 @@ ALLOWED_NAMES = {"vocab", "embed", "position", "token_type", "heads", "kv", "mlp
                  "layers"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [BertConfig(**BERT), DistilBertConfig(**DISTIL)], ids=["bert", "distilbert"])
 def test_every_param_has_logical_axis_names(cfg):
     boxed = init_params(build_model(cfg), jax.random.key(0), boxed=True)

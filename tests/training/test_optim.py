@@ -77,6 +77,7 @@ def test_decay_mask_names():
         "encoder/layers/lin1/kernel"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sinusoidal", [False, True])
 def test_adamw_chain_matches_torch(sinusoidal):
     torch = pytest.importorskip("torch")

@@ -16,6 +16,7 @@ from jaxdistil.errors import UserError
 from jaxdistil.training import rundir
 
 
+@pytest.mark.slow
 def test_held_lock_refuses_a_second_holder(tmp_path):
     run = tmp_path / "run"
     with rundir.RunLock(run) as lock:

@@ -3,6 +3,8 @@ modules drawn from their own keys, given params placed, the abstract state equal
 
 from __future__ import annotations
 
+import pytest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ CFG = student_cfg()
 EXTRA = {"proj": lambda key: projection_params(key, (64, 32), 0.02)}
 
 
+@pytest.mark.slow
 def test_born_sharded_state_matches_its_abstract_twin():
     mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=4))
     model = build_model(CFG)
@@ -36,6 +39,7 @@ def test_born_sharded_state_matches_its_abstract_twin():
     assert param_count(abstract.params) == param_count(state.params) > 0
 
 
+@pytest.mark.slow
 def test_extra_modules_draw_from_their_own_key_and_given_params_are_placed():
     mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
     model = build_model(CFG)

@@ -146,6 +146,7 @@ def test_micro_batches_are_strided_rows():
     np.testing.assert_array_equal(y[1, :, 0], [1, 4, 7, 10])
 
 
+@pytest.mark.slow
 def test_sharded_template_equals_one_device():
     """The toy objective under data=4 x fsdp=2 equals one device (the template places the batch
     over data x fsdp and keeps the params' shardings)."""
