@@ -30,7 +30,7 @@ from jaxdistil.distill.losses import LossConfig
 from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES
-from jaxdistil.models.configs import CONFIG_CLASSES
+from jaxdistil.models.configs import CONFIG_CLASSES, field_type
 from jaxdistil.training.checkpoint import CheckpointConfig
 from jaxdistil.training.optim import OptimConfig
 from jaxdistil.training.sharding import MeshConfig
@@ -87,7 +87,7 @@ class StudentConfig:
                     f"unknown config key 'student.config.{key}': not a {cls.__name__} field "
                     f"(known: {', '.join(sorted(known))})"
                 )
-            kind = type(known[key].default)  # the HF fields are plain int / float / str / bool
+            kind = field_type(known[key])  # the HF fields are plain int / float / str / bool
             ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
             ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
             if not ok:
