@@ -59,7 +59,8 @@ class StudentConfig:
     config: Hugging Face config.json fields. init=random: the student's shape (vocab_size and
       pad_token_id default to the data's tokenizer, other missing fields to transformers'
       defaults); init=teacher: non-shape fields such as dropout.
-    vocab_transform: init=teacher copies the MLM head's transform dense (else random).
+    vocab_transform: init=teacher copies the MLM head's transform: its dense layer and LayerNorm
+      (the reference's --vocab_transform; false: both freshly initialised, as the reference).
     fold_token_types: init=teacher folds the teacher's token_type_embeddings[0] into the position
       embeddings (exact on token-type-0 input) instead of dropping them as the reference does.
     freeze_pos_embs: the position table gets no update and no optimizer state (the reference's
