@@ -162,6 +162,14 @@ class RunConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
+    def __post_init__(self) -> None:
+        if self.loss.normalize == "group" and self.loader.packed:
+            # A group is loader.group_rows ROWS; packed, a row holds several sequences, so a group is no
+            # longer the reference's micro-batch of group_rows sequences and its means are not the reference's.
+            raise UserError("loss.normalize=group with loader.packed=true: a group of loader.group_rows packed rows "
+                            "holds more sequences than the reference's micro-batch, so its means are not the "
+                            "reference's; set loader.packed=false (or loss.normalize=batch to keep packing)")
+
 
 def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RunConfig:
     """RunConfig from nested plain data plus ``key=value`` overrides."""
