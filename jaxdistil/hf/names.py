@@ -586,6 +586,16 @@ def expected_hf_names(cfg: ModelConfig, with_head: bool = True) -> list[str]:
                    for path, name, *_ in _table(cfg, with_head)})
 
 
-__all__ = ["CLASSIFIER_ARCHITECTURES", "check_flax_params", "classifier_architecture", "classifier_to_hf",
-           "split_classifier", "expected_hf_names", "flax_shapes", "flax_to_hf", "head_names", "hf_to_flax",
-           "normalize_names"]
+__all__ = [
+    "CLASSIFIER_ARCHITECTURES",
+    "check_flax_params",
+    "classifier_architecture",
+    "classifier_to_hf",
+    "expected_hf_names",
+    "flax_shapes",
+    "flax_to_hf",
+    "head_names",
+    "hf_to_flax",
+    "normalize_names",
+    "split_classifier",
+]
