@@ -253,4 +253,4 @@ def test_convert_weights_tool_both_directions(hf_dirs, tmp_path, capsys):
     assert "verified with transformers" in capsys.readouterr().out
     _assert_same_tensors(hf_dirs["bert"], tmp_path / "hf")
     assert tool.main(["to-hf", "--run", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
