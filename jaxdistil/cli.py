@@ -8,9 +8,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 from jaxdistil.commands import COMMANDS
 from jaxdistil.errors import UserError
+
+
+def command_parser(name: str) -> tuple[ModuleType, argparse.ArgumentParser]:
+    """The module of command ``name`` and its argument parser."""
+    module_name, help_text = COMMANDS[name]
+    # Imported here, not at the top: each command pulls in JAX and its own libraries.
+    command = importlib.import_module(f"jaxdistil.commands.{module_name}")
+    parser = argparse.ArgumentParser(prog=f"jaxdistil {name}", description=help_text)
+    command.add_arguments(parser)
+    return command, parser
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """A command's arguments: options and key=value overrides in any order."""
+    try:
+        return parser.parse_intermixed_args(argv)
+    except TypeError:  # a command whose last argument takes the rest (launch -- ...)
+        return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,18 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])
         return 2
-    name = argv[0]
-    module_name, help_text = COMMANDS[name]
     try:
-        # Imported here, not at the top: each command pulls in JAX and its own libraries.
-        command = importlib.import_module(f"jaxdistil.commands.{module_name}")
-        cmd_parser = argparse.ArgumentParser(prog=f"jaxdistil {name}", description=help_text)
-        command.add_arguments(cmd_parser)
-        try:  # options and key=value overrides in any order
-            args = cmd_parser.parse_intermixed_args(argv[1:])
-        except TypeError:  # a command whose last argument takes the rest (launch -- ...)
-            args = cmd_parser.parse_args(argv[1:])
-        return int(command.run(args) or 0)
+        command, cmd_parser = command_parser(argv[0])
+        return int(command.run(parse_command(cmd_parser, argv[1:])) or 0)
     except UserError as err:
         # One line, whatever a library put in the message.
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())

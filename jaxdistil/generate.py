@@ -1,7 +1,8 @@
 """Continue a prompt with a causal LM (GPT-2): ``jaxdistil generate``.
 
 Greedy decoding (transformers' ``generate(do_sample=False)``) or sampling at a temperature, a few
-tokens at a time for a smoke test of a trained or exported model; no KV cache.
+tokens at a time for a smoke test of a trained or exported model; no KV cache. As transformers'
+``generate``, a continuation stops at the model's end-of-text token (``eos_token_id``), included.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from jaxdistil.models.gpt2 import greedy_generate
 
 def generate(loaded, tokenizer, prompts: str | list[str], new_tokens: int = 20, temperature: float = 0.0,
              seed: int = 0) -> list[dict[str, Any]]:
-    """One continuation per prompt: {"prompt", "token_ids" (the new ids), "text" (prompt + new text)}.
+    """One continuation per prompt: {"prompt", "token_ids" (the new ids, at most ``new_tokens``, ending
+    at the first eos), "text" (prompt + new text)}.
 
     loaded: a ``jaxdistil.hf.LoadedModel`` of a causal LM; tokenizer: its transformers tokenizer.
     """
@@ -43,7 +45,7 @@ def generate(loaded, tokenizer, prompts: str | list[str], new_tokens: int = 20, 
         key, sub = jax.random.split(key)
         with jax.default_matmul_precision("highest"):  # fp32 as PyTorch (GPUs default to TF32)
             full = np.asarray(greedy_generate(model, loaded.params, ids, new_tokens, temperature,
-                                              sub if temperature > 0 else None))[0]
+                                              sub if temperature > 0 else None, eos_token_id=cfg.eos_token_id))[0]
         new = full[ids.shape[1]:].tolist()
         out.append({"prompt": prompt, "token_ids": new, "text": tokenizer.decode(full.tolist())})
     return out

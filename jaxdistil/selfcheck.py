@@ -106,7 +106,7 @@ def check_random_models(workdir: str | Path) -> list[tuple[str, dict[str, float]
     for name, (arch, config) in SMALL_CONFIGS.items():
         directory = save_random_hf_model(arch, Path(workdir) / name, **config)
         loaded = load_model(directory)
-        batch = ragged_batch(loaded.config.vocab_size, pad=int(loaded.config.pad_token_id))
+        batch = ragged_batch(loaded.config.vocab_size, pad=int(loaded.config.padding_id))
         rows.append((name, verify.compare_with_transformers(directory, loaded.config, loaded.params, batch)))
     return rows
 

@@ -139,8 +139,9 @@ def student_from_teacher(
       (``encoder/layers/*`` arrays are [L, ...]); the ``mlm_head`` subtree may be absent
       (a ``BertModel`` checkpoint), then the student's head is random.
     layers: teacher layer indices, in order; the student has ``len(layers)`` layers.
-    vocab_transform: copy the MLM head's transform dense (the reference's ``--vocab_transform``);
-      otherwise it is drawn at random. The head's LayerNorm and output bias are always copied.
+    vocab_transform: copy the MLM head's transform, its dense layer and its LayerNorm (the reference's
+      ``--vocab_transform``); otherwise both keep transformers' fresh init (a random dense layer, a
+      unit LayerNorm), as the reference leaves them. The head's output bias is always copied.
     fold_token_types: add ``token_type_embeddings[0]`` to the position embeddings (see module doc).
     seed: numpy seed for the pieces that are not copied (transformers' init: N(0, initializer_range)
       kernels, zero biases, unit LayerNorm scales).
@@ -186,21 +187,24 @@ def student_from_teacher(
 
     head = t.get("mlm_head")
     d = cfg.hidden
+    fresh_norm = {"scale": np.ones((d,), np.float32), "bias": np.zeros((d,), np.float32)}
     if head is None:
         notes.append("the teacher has no MLM head: the student's head is randomly initialised")
         mlm_head = {
             "transform": random_dense(d, d),
-            "transform_norm": {"scale": np.ones((d,), np.float32), "bias": np.zeros((d,), np.float32)},
+            "transform_norm": fresh_norm,
             "bias": np.zeros((cfg.vocab_size,), np.float32),
         }
     else:
+        # The reference's extract_distilbert.py / extract.py copy the transform's dense layer and its
+        # LayerNorm together, under --vocab_transform only; the projection's bias always.
         mlm_head = {
             "transform": f32(head["transform"]) if vocab_transform else random_dense(d, d),
-            "transform_norm": f32(head["transform_norm"]),
+            "transform_norm": f32(head["transform_norm"]) if vocab_transform else fresh_norm,
             "bias": f32(head["bias"]),
         }
         if not vocab_transform:
-            notes.append("vocab transform randomly initialised (vocab_transform=False)")
+            notes.append("vocab transform (dense and LayerNorm) freshly initialised (vocab_transform=False)")
     if cfg.sinusoidal:
         notes.append("position embeddings copied from the teacher and frozen (sinusoidal_pos_embds)")
     if teacher_cfg.ln_eps != cfg.ln_eps:

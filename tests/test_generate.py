@@ -56,6 +56,55 @@ def test_gpt2_greedy_generate_equals_transformers(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "causal LM" in err
 
 
+def test_generation_stops_at_eos_as_transformers(tmp_path):
+    """eos set to the token greedy decoding emits at step k (k >= 1, not emitted before): transformers'
+    generate stops there, the eos included; so do ours, greedy and (at a temperature that leaves one
+    choice) sampling; a batch pads a finished row with the pad id until every row is finished."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdistil.models import build_model
+    from jaxdistil.models.gpt2 import greedy_generate
+
+    tok = gpt2_tokenizer(tmp_path / "bpe")
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=24, n_layer=2, n_head=3, n_positions=40,
+                                  initializer_range=0.3, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    prompts = [tok("Knowledge distillation trains", return_tensors="pt")["input_ids"]]
+    with torch.no_grad():
+        free = hf.generate(prompts[0], attention_mask=torch.ones_like(prompts[0]), do_sample=False, max_new_tokens=12,
+                           eos_token_id=None, pad_token_id=0)[0, prompts[0].shape[1]:].tolist()
+    step = next(k for k in range(1, 12) if free[k] not in free[:k])
+    eos = free[step]
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = eos
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        want = hf.generate(prompts[0], attention_mask=torch.ones_like(prompts[0]), do_sample=False,
+                           max_new_tokens=12, pad_token_id=eos)[0, prompts[0].shape[1]:].tolist()
+    assert want == free[:step + 1] and want[-1] == eos  # transformers: stops at eos, included
+    loaded = load_model(tmp_path / "hf")
+    assert loaded.config.eos_token_id == eos
+    (greedy,) = generate(loaded, tok, "Knowledge distillation trains", new_tokens=12)
+    assert greedy["token_ids"] == want
+    (sampled,) = generate(loaded, tok, "Knowledge distillation trains", new_tokens=12, temperature=1e-4, seed=3)
+    assert sampled["token_ids"] == want
+    # A batch of two prompts of one length (no padding): the row that finished first gets the pad id
+    # until the other finishes (or runs out of tokens), as in transformers.
+    batch = torch.cat([prompts[0], prompts[0].flip(1)])
+    with torch.no_grad():
+        want_batch = hf.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=12,
+                                 pad_token_id=7).numpy()
+    first_done = prompts[0].shape[1] + step + 1
+    assert want_batch.shape[1] > first_done and (want_batch[0, first_done:] == 7).all()
+    model = build_model(loaded.config)
+    with jax.default_matmul_precision("highest"):
+        ours = greedy_generate(model, loaded.params, jnp.asarray(batch.numpy(), jnp.int32), 12, eos_token_id=eos,
+                               pad_token_id=7)
+    np.testing.assert_array_equal(np.asarray(ours), want_batch)
+
+
 @pytest.mark.slow
 def test_gpt2_prepare_train_export_generate(tmp_path, capsys):
     """GPT-2 data as the reference writes it (<|endoftext|> ... <|endoftext|>), a GPT-2 student trained

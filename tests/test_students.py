@@ -115,11 +115,22 @@ def test_options_and_errors():
     np.testing.assert_array_equal(
         s["encoder"]["layers"]["lin1"]["kernel"][0], t["encoder"]["layers"]["lin1"]["kernel"][3]
     )
-    assert not np.array_equal(s["mlm_head"]["transform"]["kernel"], t["mlm_head"]["transform"]["kernel"])
-    np.testing.assert_array_equal(
-        s["mlm_head"]["transform_norm"]["scale"], t["mlm_head"]["transform_norm"]["scale"]
-    )
+    # Without vocab_transform, as the reference: neither the transform dense nor its LayerNorm is
+    # copied; both keep transformers' fresh init (N(0, initializer_range) kernel, zero bias, unit
+    # LayerNorm); the output bias is copied.
+    dense, norm = s["mlm_head"]["transform"], s["mlm_head"]["transform_norm"]
+    assert not np.array_equal(dense["kernel"], t["mlm_head"]["transform"]["kernel"])
+    assert abs(float(dense["kernel"].std()) - tcfg.initializer_range) < 0.2 * tcfg.initializer_range
+    np.testing.assert_array_equal(dense["bias"], np.zeros(32, np.float32))
+    np.testing.assert_array_equal(norm["scale"], np.ones(32, np.float32))
+    np.testing.assert_array_equal(norm["bias"], np.zeros(32, np.float32))
+    np.testing.assert_array_equal(s["mlm_head"]["bias"], t["mlm_head"]["bias"])
     assert any("vocab transform" in n for n in notes)
+    # With it (the default), all three are the teacher's.
+    _, s_copy, _ = student_from_teacher(tcfg, t, [3, 0])
+    for part in ("transform", "transform_norm"):
+        for name, value in s_copy["mlm_head"][part].items():
+            np.testing.assert_array_equal(value, t["mlm_head"][part][name], err_msg=f"{part}/{name}")
 
     # A teacher without MLM head (BertModel checkpoint): the head stays random, and says so.
     headless = {k: v for k, v in t.items() if k != "mlm_head"}

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     source = args.run or args.model
+    if args.run and not Path(args.run).expanduser().exists():
+        raise UserError(f"run directory {args.run} does not exist; pass the run_dir of a `jaxdistil train` or "
+                        "`jaxdistil finetune` run (or a model directory or hub id with --model)")
     if args.run and Path(args.run).is_dir() and not is_run_dir(args.run):
         raise UserError(f"{args.run} is not a jaxdistil run directory (no config.yaml, checkpoints/ or "
                         "student/config.json); pass model directories with --model")

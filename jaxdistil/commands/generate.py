@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="run directory, Flax model directory, HF directory or hub id of a causal LM (GPT-2)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: latest)")
-    parser.add_argument("--tokens", type=int, default=20, help="new tokens per prompt")
+    parser.add_argument("--tokens", type=int, default=20, help="new tokens per prompt (at most: a continuation stops at the end-of-text token)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--json", action="store_true", help="print the continuations as JSON")

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="teacher layers to keep, comma-separated (default: the paper's 0,2,4,7,9,11)")
     parser.add_argument("--output", required=True, help="Flax model directory to write")
     parser.add_argument("--no-vocab-transform", action="store_true",
-                        help="do not copy the MLM head's transform dense (random init instead)")
+                        help="do not copy the MLM head's transform (dense + LayerNorm: fresh init instead)")
     parser.add_argument("--no-fold-token-types", action="store_true",
                         help="drop token_type_embeddings as the reference does instead of folding row 0 "
                              "into the position embeddings")

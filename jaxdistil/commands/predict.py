@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from jaxdistil.errors import UserError
 from jaxdistil.finetune.predict import predict
-from jaxdistil.hf import load_model
+from jaxdistil.hf.load import load_model_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if len(args.text) > 2:
-        raise SystemExit("error: give one text or one pair (two texts)")
+        raise UserError(f"{len(args.text)} texts given; give one text or one pair (two texts), each in quotes")
     text = args.text[0] if len(args.text) == 1 else tuple(args.text)
-    result = predict(load_model(args.model, step=args.step), [text])[0]
+    result = predict(load_model_arg(args.model, step=args.step, what="classifier directory"), [text])[0]
     if args.json:
         print(json.dumps(result))
     elif "value" in result:

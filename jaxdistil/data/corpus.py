@@ -24,6 +24,7 @@ import glob
 import hashlib
 import inspect
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,10 @@ class SourceSpec:
         return f"{self.kind}:{self.name}"
 
 
+# "kind:" at the start of a --source value (two letters at least: "C:" is a Windows drive).
+_SOURCE_KIND = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
 def parse_source(spec: str | Sequence[str]) -> SourceSpec:
     """Parse ``--source`` values: ``builtin:python-docs``, ``tfds:NAME[/CONFIG]``, or file globs."""
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -80,6 +85,10 @@ def parse_source(spec: str | Sequence[str]) -> SourceSpec:
     for p in patterns:
         if p.startswith(("builtin:", "tfds:")):
             raise UserError(f"--source {p} cannot be combined with local files; pass one kind of source")
+        kind = _SOURCE_KIND.match(p)
+        if kind and not glob.glob(os.path.expanduser(p)):  # "files:x.txt" is not a kind (a file of that name is fine)
+            raise UserError(f"--source {p}: unknown source kind '{kind.group(1)}:'; pass text files or globs "
+                            "('corpus/*.txt', optionally file:PATH), builtin:python-docs or tfds:NAME")
     return SourceSpec("files", "", patterns)
 
 

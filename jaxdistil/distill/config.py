@@ -30,7 +30,7 @@ from jaxdistil.distill.losses import LossConfig
 from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES, attention
-from jaxdistil.models.configs import CONFIG_CLASSES
+from jaxdistil.models.configs import CONFIG_CLASSES, field_type
 from jaxdistil.training.checkpoint import CheckpointConfig
 from jaxdistil.training.optim import OptimConfig
 from jaxdistil.training.sharding import MeshConfig
@@ -59,7 +59,8 @@ class StudentConfig:
     config: Hugging Face config.json fields. init=random: the student's shape (vocab_size and
       pad_token_id default to the data's tokenizer, other missing fields to transformers'
       defaults); init=teacher: non-shape fields such as dropout.
-    vocab_transform: init=teacher copies the MLM head's transform dense (else random).
+    vocab_transform: init=teacher copies the MLM head's transform: its dense layer and LayerNorm
+      (the reference's --vocab_transform; false: both freshly initialised, as the reference).
     fold_token_types: init=teacher folds the teacher's token_type_embeddings[0] into the position
       embeddings (exact on token-type-0 input) instead of dropping them as the reference does.
     freeze_pos_embs: the position table gets no update and no optimizer state (the reference's
@@ -87,7 +88,7 @@ class StudentConfig:
                     f"unknown config key 'student.config.{key}': not a {cls.__name__} field "
                     f"(known: {', '.join(sorted(known))})"
                 )
-            kind = type(known[key].default)  # the HF fields are plain int / float / str / bool
+            kind = field_type(known[key])  # the HF fields are plain int / float / str / bool
             ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
             ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
             if not ok:
@@ -167,6 +168,14 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.normalize == "group" and self.loader.packed:
+            # A group is loader.group_rows ROWS; packed, a row holds several sequences, so a group is no
+            # longer the reference's micro-batch of group_rows sequences and its means are not the reference's.
+            raise UserError("loss.normalize=group with loader.packed=true: a group of loader.group_rows packed rows "
+                            "holds more sequences than the reference's micro-batch, so its means are not the "
+                            "reference's; set loader.packed=false (or loss.normalize=batch to keep packing)")
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RunConfig:

@@ -66,12 +66,16 @@ RUN_GLUE_OPTIM = OptimConfig(learning_rate=2e-5, b1=0.9, b2=0.999, eps=1e-8, wei
 class FinetuneConfig:
     """Everything a fine-tuning run needs; ``run_dir`` receives checkpoints, logs and the config.
 
-    model: the encoder to fine-tune (a jaxdistil run dir, a Flax model dir, a HF dir or hub id);
-    a sequence classifier's own head is kept when it fits the task, else a fresh head is drawn.
+    model: the model to fine-tune (a jaxdistil run dir, a Flax model dir, a HF dir or hub id of a
+    BERT, DistilBERT, RoBERTa or GPT-2); a sequence classifier's own head is kept when it fits the
+    task, else a fresh head is drawn.
+    model_config: config.json fields of the model changed for this run, ones that shape no tensor
+    (dropouts, GPT-2's ``pad_token_id``, which its classifier needs), e.g. {pad_token_id: 50256}.
     """
 
     run_dir: str = "runs/finetune"
     model: str = ""
+    model_config: dict = dataclasses.field(default_factory=dict)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     train: FinetuneTrainConfig = dataclasses.field(default_factory=FinetuneTrainConfig)
     optim: OptimConfig = RUN_GLUE_OPTIM

@@ -1,7 +1,9 @@
 """A task's examples as model inputs: tokenized once, then fed in batches that resume exactly.
 
 ``encode`` runs the model's tokenizer over every example (pairs as ``[CLS] a [SEP] b [SEP]`` with
-token types for BERT), padded to ``max_len`` as transformers' ``run_glue`` does by default.
+token types for BERT, ``<s> a </s></s> b </s>`` for RoBERTa, GPT-2's tokenizer concatenates), padded
+to ``max_len`` as transformers' ``run_glue`` does by default; ``classifier_tokenizer`` gives GPT-2's
+tokenizer, which has no padding token, the classifier's ``pad_token_id``.
 ``ArrayBatches`` cuts one data shard of those arrays into batches: shuffled with a seed per epoch
 for training, in order for evaluation, the last batch filled with ``weight = 0`` rows so that every
 batch has the same shape. Its state (epoch, position) is two integers, saved with the checkpoint.
@@ -15,8 +17,21 @@ import numpy as np
 
 from jaxdistil.errors import UserError
 from jaxdistil.finetune.tasks import Examples
+from jaxdistil.models import ModelConfig
+from jaxdistil.models.classification import family_of
 
 Arrays = dict[str, np.ndarray]
+
+
+def classifier_tokenizer(tokenizer_dir: str, cfg: ModelConfig) -> Any:
+    """The transformers tokenizer of a classifier of ``cfg``: a GPT-2's pads with the config's
+    ``pad_token_id`` (the id its classifier reads padding from), whatever the tokenizer's own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if family_of(cfg) == "gpt2" and cfg.pad_token_id is not None and tokenizer.pad_token_id != cfg.pad_token_id:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(cfg.pad_token_id))
+    return tokenizer
 
 
 def encode(tokenizer: Any, examples: Examples, max_len: int, token_types: bool) -> Arrays:

@@ -21,21 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from transformers import AutoTokenizer
 
 from jaxdistil import distributed
 from jaxdistil.config import dump_config
 from jaxdistil.data.global_batches import ShardedBatches
 from jaxdistil.errors import UserError
 from jaxdistil.finetune.config import FinetuneConfig
-from jaxdistil.finetune.data import ArrayBatches, encode
+from jaxdistil.finetune.data import ArrayBatches, classifier_tokenizer, encode
 from jaxdistil.finetune.evaluation import TaskEvaluator
 from jaxdistil.finetune.step import build_classifier_step
 from jaxdistil.finetune.tasks import load_task
 from jaxdistil.hf.files import copy_tokenizer_files
-from jaxdistil.hf.load import load_model_arg
-from jaxdistil.models import COMPUTE_DTYPES, BertConfig, ConfigError, attention, save_config
-from jaxdistil.models.classification import ClassifierHead, build_classifier, family_of, fresh_head
+from jaxdistil.hf.load import LoadedModel, load_model_arg
+from jaxdistil.hf.names import classifier_architecture, flax_shapes
+from jaxdistil.models import COMPUTE_DTYPES, ConfigError, attention, config_from_hf_dict, save_config
+from jaxdistil.models.classification import (
+    ClassifierHead,
+    build_classifier,
+    check_classifier_config,
+    fresh_head,
+    token_types,
+)
 from jaxdistil.models.flops import forward_flops_per_token
 from jaxdistil.training import loop, rundir
 from jaxdistil.training import sharding as shd
@@ -82,17 +88,17 @@ def finetune(cfg: FinetuneConfig, log=print, force_unlock: bool = False) -> Fine
         raise UserError("no model given; pass --model DIR (a run, Flax, HF directory or hub id)")
     say = log if distributed.is_main_process() else (lambda *a, **k: None)
     task = load_task(cfg.task)
-    loaded = load_model_arg(cfg.model)
+    loaded = with_model_config(load_model_arg(cfg.model), cfg.model_config)
     try:
-        family_of(loaded.config)
+        check_classifier_config(loaded.config)
     except ConfigError as err:
         raise UserError(f"{cfg.model}: {err}") from None
     if loaded.tokenizer_dir is None:
         raise UserError(f"{cfg.model} has no tokenizer files; fine-tuning tokenizes the task with the model's "
                         "tokenizer: copy tokenizer.json / vocab.txt next to its config.json")
-    tokenizer = AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
+    tokenizer = classifier_tokenizer(loaded.tokenizer_dir, loaded.config)
     max_len = min(cfg.train.max_len, loaded.config.max_tokens)
-    types = isinstance(loaded.config, BertConfig)
+    types = token_types(loaded.config)
     train_arrays = encode(tokenizer, task.train, max_len, types)
     eval_arrays = {name: encode(tokenizer, ex, max_len, types) for name, ex in task.validation.items()}
     head = ClassifierHead(num_labels=task.num_labels, problem_type=task.problem_type, labels=task.label_names)
@@ -101,6 +107,32 @@ def finetune(cfg: FinetuneConfig, log=print, force_unlock: bool = False) -> Fine
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, attention=impl))
     with rundir.hold(run_dir, force_unlock):
         return _run(cfg, run_dir, task, loaded, head, train_arrays, eval_arrays, tokenizer, say)
+
+
+def with_model_config(loaded: LoadedModel, fields: dict[str, Any]) -> LoadedModel:
+    """``loaded`` with the ``model_config`` fields of its config.json changed; a field that the model
+    does not have, or one that would change a tensor's shape, is a UserError."""
+    if not fields:
+        return loaded
+    cfg = loaded.config
+    known = {f.name: f for f in dataclasses.fields(cfg)}
+    for key in fields:
+        if key not in known:
+            raise UserError(f"unknown config key 'model_config.{key}': not a {type(cfg).__name__} field "
+                            f"(known: {', '.join(sorted(known))})")
+
+    def changed(**update):
+        try:
+            return config_from_hf_dict({**dataclasses.asdict(cfg), "model_type": cfg.model_type, **update},
+                                       "model_config")
+        except ConfigError as err:
+            raise UserError(str(err)) from None
+
+    for key, value in fields.items():
+        if flax_shapes(changed(**{key: value}), False) != flax_shapes(cfg, False):
+            raise UserError(f"model_config.{key} changes the shape of the model's tensors, which fine-tuning "
+                            "the loaded weights cannot do; remove it")
+    return dataclasses.replace(loaded, config=changed(**fields))
 
 
 def write_run_files(run_dir: Path, cfg: FinetuneConfig, loaded, head: ClassifierHead) -> None:
@@ -113,9 +145,7 @@ def write_run_files(run_dir: Path, cfg: FinetuneConfig, loaded, head: Classifier
     save_config(loaded.config, run_dir / "model")
     model_json = run_dir / "model" / "config.json"
     data = json.loads(model_json.read_text())
-    data.update(head.to_hf_dict(), architectures=[
-        "BertForSequenceClassification" if isinstance(loaded.config, BertConfig)
-        else "DistilBertForSequenceClassification"])
+    data.update(head.to_hf_dict(), architectures=[classifier_architecture(loaded.config)])
     model_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (run_dir / "tokenizer").mkdir(exist_ok=True)
     copy_tokenizer_files(loaded.tokenizer_dir, run_dir / "tokenizer")

@@ -22,8 +22,8 @@ import numpy as np
 
 from jaxdistil.errors import UserError
 from jaxdistil.hf import files
-from jaxdistil.hf.load import CLASSIFIERS, load_model
-from jaxdistil.hf.names import classifier_to_hf, flax_to_hf
+from jaxdistil.hf.load import load_model
+from jaxdistil.hf.names import classifier_architecture, classifier_to_hf, flax_to_hf
 from jaxdistil.hf.verify import (
     compare_with_transformers,
     flax_classifier_logits,
@@ -31,8 +31,8 @@ from jaxdistil.hf.verify import (
     torch_available,
     torch_classifier_logits,
 )
-from jaxdistil.models.classification import ClassifierHead, family_of
-from jaxdistil.models.configs import BertConfig, ModelConfig
+from jaxdistil.models.classification import ClassifierHead, check_classifier_config, token_types
+from jaxdistil.models.configs import BertConfig, ConfigError, ModelConfig
 
 TOLERANCE = 1e-4  # max |logits diff| allowed between the Flax model and the exported PyTorch model
 
@@ -109,14 +109,19 @@ def export_classifier(cfg: ModelConfig, head: ClassifierHead, params: Any, outpu
                       tokenizer_dir: str | Path | None = None, dtype: str = "fp32", max_shard_size: int | str = "5GB",
                       force: bool = False, verify: bool = True, tolerance: float = TOLERANCE) -> ExportReport:
     """Writes a sequence classifier (``params``: encoder + head, ``jaxdistil.models.classification``)
-    as a HF ``BertForSequenceClassification`` / ``DistilBertForSequenceClassification`` directory;
-    verified like ``export_hf`` with ``AutoModelForSequenceClassification`` (logits within ``tolerance``)."""
+    as a HF ``BertForSequenceClassification`` / ``DistilBertForSequenceClassification`` /
+    ``RobertaForSequenceClassification`` / ``GPT2ForSequenceClassification`` directory; verified like
+    ``export_hf`` with ``AutoModelForSequenceClassification`` (logits within ``tolerance``)."""
     if dtype not in files.DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(files.DTYPES)}")
+    try:
+        check_classifier_config(cfg)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
     np_dtype = files.DTYPES[dtype]
     state = classifier_to_hf(params, cfg, head.num_labels, dtype=np_dtype)
     config = hf_config(cfg, dtype)
-    config.update(head.to_hf_dict(), architectures=[CLASSIFIERS[0] if family_of(cfg) == "bert" else CLASSIFIERS[1]])
+    config.update(head.to_hf_dict(), architectures=[classifier_architecture(cfg)])
     with files.atomic_output_dir(output, force) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         written = ["config.json", *files.write_state_dict(state, tmp, max_shard_size)]
@@ -129,7 +134,7 @@ def export_classifier(cfg: ModelConfig, head: ClassifierHead, params: Any, outpu
             note = "verification skipped: torch is not installed (pip install torch to check the export)"
         else:
             inputs = sample_inputs(tmp if tok_files else None, cfg)
-            types = np.zeros_like(inputs["input_ids"]) if isinstance(cfg, BertConfig) else None
+            types = np.zeros_like(inputs["input_ids"]) if token_types(cfg) else None
             ref = params if dtype == "fp32" else _round_params(params, np_dtype)
             ours = flax_classifier_logits(cfg, head, ref, inputs["input_ids"], inputs["attention_mask"], types)
             theirs = torch_classifier_logits(tmp, inputs["input_ids"], inputs["attention_mask"], types)

@@ -24,16 +24,29 @@ from huggingface_hub import snapshot_download
 
 from jaxdistil.errors import UserError
 from jaxdistil.hf import files
-from jaxdistil.hf.names import check_flax_params, family, hf_to_flax, split_classifier
+from jaxdistil.hf.names import (
+    CLASSIFIER_ARCHITECTURES,
+    check_flax_params,
+    classifier_architecture,
+    family,
+    hf_to_flax,
+    split_classifier,
+)
 from jaxdistil.models import build_model, init_params, load_config
-from jaxdistil.models.classification import HEAD_PARAMS, ClassifierHead, build_classifier, family_of
+from jaxdistil.models.classification import (
+    HEAD_PARAMS,
+    ClassifierHead,
+    build_classifier,
+    check_classifier_config,
+    family_of,
+)
 from jaxdistil.models.configs import ConfigError, ModelConfig, config_from_hf_dict
 from jaxdistil.training.checkpoint import RunCheckpointer
 
 # Architectures whose tensors the importer understands (the head-less ones give has_mlm_head=False;
 # BertForPreTraining's next-sentence head and BertModel's pooler are ignored; a sequence
 # classifier's head is read into LoadedModel.classifier).
-CLASSIFIERS = ("BertForSequenceClassification", "DistilBertForSequenceClassification")
+CLASSIFIERS = tuple(CLASSIFIER_ARCHITECTURES.values())
 SUPPORTED_ARCHITECTURES = ("BertForMaskedLM", "BertModel", "BertForPreTraining",
                            "DistilBertForMaskedLM", "DistilBertModel", "RobertaForMaskedLM", "RobertaModel",
                            "GPT2LMHeadModel", "GPT2Model", *CLASSIFIERS)
@@ -139,6 +152,7 @@ def load_hf_dir(directory: str | Path, param_dtype=np.float32) -> LoadedModel:
     if any(a in CLASSIFIERS for a in archs):
         try:
             head = ClassifierHead.from_hf_dict(data)
+            check_classifier_config(cfg)
         except ConfigError as err:
             raise UserError(f"{directory / 'config.json'}: {err}") from None
         state, classifier, _ = split_classifier(state, cfg, str(directory), head.num_labels)
@@ -182,7 +196,7 @@ def save_flax_model(cfg: ModelConfig, params: dict, output: str | Path, *, has_m
         config.pop("tie_weights_", None)
         config["tie_word_embeddings"] = True
         if head is not None:
-            config.update(head.to_hf_dict(), architectures=[_classifier_architecture(cfg)])
+            config.update(head.to_hf_dict(), architectures=[classifier_architecture(cfg)])
         config[META_KEY] = {"format": "flax", "has_mlm_head": bool(has_mlm_head)}
         if classifier is not None:
             config[META_KEY]["classifier"] = True
@@ -227,10 +241,6 @@ def load_flax_dir(directory: str | Path, param_dtype=np.float32) -> LoadedModel:
     return LoadedModel(cfg, params, bool(meta.get("has_mlm_head", True)), "flax",
                        str(directory) if files.has_tokenizer(directory) else None, path=str(directory),
                        classifier=classifier, head=head)
-
-
-def _classifier_architecture(cfg: ModelConfig) -> str:
-    return CLASSIFIERS[0] if family_of(cfg) == "bert" else CLASSIFIERS[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,8 +324,9 @@ def load_run(run_dir: str | Path, step: int | None = None, param_dtype=np.float3
     if head is None:
         return LoadedModel(cfg, params, True, "run", tok_dir, path=str(run_dir), step=int(restored_step))
     names = HEAD_PARAMS[family_of(cfg)]
-    encoder = {"embeddings": params["embeddings"], "encoder": params["encoder"],
-               "mlm_head": _cast(default_mlm_head(cfg), param_dtype)}
+    encoder = {"embeddings": params["embeddings"], "encoder": params["encoder"]}
+    if family(cfg).head:  # the placeholder MLM head of an encoder (GPT-2's LM head is the tied projection)
+        encoder["mlm_head"] = _cast(default_mlm_head(cfg), param_dtype)
     return LoadedModel(cfg, encoder, False, "run", tok_dir, path=str(run_dir), step=int(restored_step),
                        classifier={k: params[k] for k in names}, head=head)
 

@@ -146,7 +146,23 @@ _CLASSIFIER_HEADS = {
         ("classifier/kernel", "classifier.weight", LINEAR, "LD", False),
         ("classifier/bias", "classifier.bias", COPY, "L", False),
     ],
+    # RobertaClassificationHead (no pooler: RobertaModel(add_pooling_layer=False)).
+    "roberta": [
+        ("classifier/dense/kernel", "classifier.dense.weight", LINEAR, "DD", False),
+        ("classifier/dense/bias", "classifier.dense.bias", COPY, "D", False),
+        ("classifier/out_proj/kernel", "classifier.out_proj.weight", LINEAR, "LD", False),
+        ("classifier/out_proj/bias", "classifier.out_proj.bias", COPY, "L", False),
+    ],
+    # GPT2ForSequenceClassification's score: an nn.Linear without bias.
+    "gpt2": [
+        ("score/kernel", "score.weight", LINEAR, "LD", False),
+    ],
 }
+# The transformers class of each family's sequence classifier (config.json "architectures").
+CLASSIFIER_ARCHITECTURES = {"bert": "BertForSequenceClassification",
+                            "distilbert": "DistilBertForSequenceClassification",
+                            "roberta": "RobertaForSequenceClassification",
+                            "gpt2": "GPT2ForSequenceClassification"}
 
 
 class _Family:
@@ -515,16 +531,23 @@ def _classifier_rows(cfg: ModelConfig, num_labels: int):
             for path, name, kind, shape, prefixed in _CLASSIFIER_HEADS[family_name(cfg)]]
 
 
+def classifier_architecture(cfg: ModelConfig) -> str:
+    """``BertForSequenceClassification``, ... : the transformers class of ``cfg``'s classifier."""
+    return CLASSIFIER_ARCHITECTURES[family_name(cfg)]
+
+
 def split_classifier(state: Mapping[str, np.ndarray], cfg: ModelConfig, source: str = "checkpoint",
                      num_labels: int | None = None) -> tuple[dict[str, np.ndarray], dict, int]:
     """A ``*ForSequenceClassification`` state dict -> (the encoder's tensors, the head's Flax params,
     its number of labels). Missing head tensors or wrong shapes raise one ``UserError``."""
     state = normalize_names(state, cfg)
-    names = [name for _, name, *_ in _CLASSIFIER_HEADS[family_name(cfg)]]
-    if "classifier.weight" not in state:
-        raise UserError(f"{source}: no classifier.weight: not a sequence-classification checkpoint; "
-                        "fine-tune an encoder with `jaxdistil finetune` instead")
-    labels = int(state["classifier.weight"].shape[0]) if num_labels is None else num_labels
+    head_rows = _CLASSIFIER_HEADS[family_name(cfg)]
+    names = [name for _, name, *_ in head_rows]
+    output = next(name for _, name, _, shape, _ in head_rows if shape == "LD")  # [labels, D]
+    if output not in state:
+        raise UserError(f"{source}: no {output}: not a {classifier_architecture(cfg)} checkpoint; "
+                        "fine-tune the model with `jaxdistil finetune` instead")
+    labels = int(state[output].shape[0]) if num_labels is None else num_labels
     rows = _classifier_rows(cfg, labels)
     missing = [name for _, name, _, _, _ in rows if name not in state]
     wrong = [f"{name} {tuple(state[name].shape)} != {shape}" for _, name, _, shape, _ in rows
@@ -541,8 +564,8 @@ def split_classifier(state: Mapping[str, np.ndarray], cfg: ModelConfig, source: 
 
 def classifier_to_hf(params: Mapping[str, Any], cfg: ModelConfig, num_labels: int,
                      dtype: Any = None) -> dict[str, np.ndarray]:
-    """A sequence classifier's Flax params (encoder + head) -> the full HF state dict of
-    ``BertForSequenceClassification`` / ``DistilBertForSequenceClassification``."""
+    """A sequence classifier's Flax params (encoder + head) -> the full HF state dict of its
+    ``*ForSequenceClassification`` (``classifier_architecture``)."""
     encoder = {k: params[k] for k in ("embeddings", "encoder")}
     out = flax_to_hf(encoder, cfg, with_head=False, dtype=dtype, prefixed=True)
     prefix = family(cfg).prefix
@@ -563,5 +586,16 @@ def expected_hf_names(cfg: ModelConfig, with_head: bool = True) -> list[str]:
                    for path, name, *_ in _table(cfg, with_head)})
 
 
-__all__ = ["check_flax_params", "classifier_to_hf", "split_classifier", "expected_hf_names", "flax_shapes", "flax_to_hf", "head_names", "hf_to_flax",
-           "normalize_names"]
+__all__ = [
+    "CLASSIFIER_ARCHITECTURES",
+    "check_flax_params",
+    "classifier_architecture",
+    "classifier_to_hf",
+    "expected_hf_names",
+    "flax_shapes",
+    "flax_to_hf",
+    "head_names",
+    "hf_to_flax",
+    "normalize_names",
+    "split_classifier",
+]

@@ -54,8 +54,8 @@ def sample_inputs(tokenizer_dir: str | Path | None, cfg: ModelConfig, seed: int 
     """
     if tokenizer_dir is not None:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        if tok.pad_token is None:  # GPT-2: pad with <|endoftext|> under the attention mask
-            tok.pad_token = tok.eos_token
+        if tok.pad_token is None:  # GPT-2: pad with the config's padding id (<|endoftext|> unless it sets one)
+            tok.pad_token = tok.convert_ids_to_tokens(int(cfg.padding_id))
         mask = tok.mask_token or ""
         enc = tok([s.format(mask=mask) for s in SENTENCES], padding=True, truncation=True,
                   max_length=min(cfg.max_tokens, 128), return_tensors="np",
@@ -66,7 +66,7 @@ def sample_inputs(tokenizer_dir: str | Path | None, cfg: ModelConfig, seed: int 
     rng = np.random.default_rng(seed)
     lengths = [11, 7, 3, 9]
     length = min(max(lengths), cfg.max_tokens)
-    pad = int(cfg.pad_token_id)
+    pad = int(cfg.padding_id)
     ids = rng.integers(0, cfg.vocab_size - 1, (len(lengths), length)).astype(np.int32)
     ids = ids + (ids >= pad)  # never the pad id (RoBERTa reads positions from the ids)
     mask = (np.arange(length)[None, :] < np.minimum(lengths, length)[:, None]).astype(np.int32)

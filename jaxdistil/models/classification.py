@@ -2,15 +2,19 @@
 
   BertForSequenceClassification        pooler (dense + tanh on [CLS]) -> dropout -> classifier
   DistilBertForSequenceClassification  first token -> pre_classifier -> ReLU -> dropout -> classifier
+  RobertaForSequenceClassification     first token (<s>) -> dropout -> dense -> tanh -> dropout -> out_proj
+                                       (RobertaClassificationHead; no pooler)
+  GPT2ForSequenceClassification        the last non-padding token -> score (no bias); see ``last_token``
 
 The encoder is the one of ``jaxdistil.models.layers`` (the parameters ``embeddings`` / ``encoder``
-of a masked-LM model of the same config, so a pre-trained or distilled encoder drops in); the head
+of a language model of the same config, so a pre-trained or distilled encoder drops in); the head
 is ``ClassifierHead``: the number of labels, their names (``id2label``) and the problem type
 (``single_label_classification``, or ``regression`` with one output, e.g. STS-B), read from and
 written to the Hugging Face ``config.json`` fields.
 
 Parameter trees: BERT {embeddings, encoder, pooler, classifier}; DistilBERT {embeddings, encoder,
-pre_classifier, classifier}.
+pre_classifier, classifier}; RoBERTa {embeddings, encoder, classifier: {dense, out_proj}}; GPT-2
+{embeddings, encoder, score}.
 """
 
 from __future__ import annotations
@@ -22,11 +26,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistil.models.configs import BertConfig, ConfigError, DistilBertConfig, ModelConfig
+from jaxdistil.models.configs import (
+    BertConfig,
+    ConfigError,
+    DistilBertConfig,
+    GPT2Config,
+    ModelConfig,
+    RobertaConfig,
+)
 from jaxdistil.models.layers import BATCH, TransformerEncoder, _normal, _zeros
 
 PROBLEM_TYPES = ("single_label_classification", "regression")
-HEAD_PARAMS = {"bert": ("pooler", "classifier"), "distilbert": ("pre_classifier", "classifier")}
+HEAD_PARAMS = {"bert": ("pooler", "classifier"), "distilbert": ("pre_classifier", "classifier"),
+               "roberta": ("classifier",), "gpt2": ("score",)}
+_FAMILIES = {BertConfig: "bert", DistilBertConfig: "distilbert", RobertaConfig: "roberta", GPT2Config: "gpt2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +48,8 @@ class ClassifierHead:
 
     num_labels: outputs (1 for regression); labels: their names in id order (``id2label``; empty:
     ``LABEL_0``...); problem_type: ``single_label_classification`` or ``regression``; dropout: BERT's
-    ``classifier_dropout`` (None: its hidden dropout; DistilBERT uses ``seq_classif_dropout``).
+    and RoBERTa's ``classifier_dropout`` (None: their hidden dropout; DistilBERT uses
+    ``seq_classif_dropout``, GPT-2's head has none).
     """
 
     num_labels: int = 2
@@ -82,29 +96,89 @@ class ClassifierHead:
 
 
 def family_of(cfg: ModelConfig) -> str:
-    """"bert" or "distilbert": the families with a sequence-classification head here."""
-    if type(cfg) is BertConfig:
-        return "bert"
-    if type(cfg) is DistilBertConfig:
-        return "distilbert"
-    raise ConfigError(f"sequence classification supports BERT and DistilBERT encoders, not {cfg.model_type}; "
-                      "fine-tune a BERT or DistilBERT model")
+    """"bert", "distilbert", "roberta" or "gpt2": the family of a config's sequence classifier."""
+    if type(cfg) not in _FAMILIES:
+        raise ConfigError(f"sequence classification supports BERT, DistilBERT, RoBERTa and GPT-2 models, not "
+                          f"{getattr(cfg, 'model_type', type(cfg).__name__)}")
+    return _FAMILIES[type(cfg)]
+
+
+def check_classifier_config(cfg: ModelConfig) -> str:
+    """The family of ``cfg`` (``family_of``), once checked that it can classify: a GPT-2 needs a
+    ``pad_token_id`` to find each row's last token (transformers refuses batches without one)."""
+    family = family_of(cfg)
+    if family == "gpt2" and cfg.pad_token_id is None:
+        raise ConfigError("the GPT-2 config has no pad_token_id, which its sequence classifier needs to find "
+                          "each row's last token; set one, e.g. model_config.pad_token_id="
+                          f"{cfg.eos_token_id} (its <|endoftext|>) or \"pad_token_id\" in its config.json")
+    return family
+
+
+def token_types(cfg: ModelConfig) -> bool:
+    """Whether the classifier reads token types (BERT's sentence-pair segments; RoBERTa has one
+    type only, DistilBERT and GPT-2 none)."""
+    return family_of(cfg) == "bert"
+
+
+def last_token(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """[B] index of each row's last token, as transformers' GPT2ForSequenceClassification finds it:
+    the rightmost position whose id is not ``pad_token_id`` (from the ids, not the attention mask,
+    so left and right padding both work; a real token equal to the pad id counts as padding at the
+    end of a row; a row of pad ids only gives 0)."""
+    positions = jnp.arange(input_ids.shape[-1], dtype=jnp.int32)
+    return jnp.argmax(positions * (input_ids != pad_token_id).astype(jnp.int32), axis=-1)
+
+
+class RobertaClassificationHead(nn.Module):
+    """transformers' RobertaClassificationHead on the first token's hidden state [B, D] -> logits
+    [B, L]: dropout -> dense -> tanh -> dropout -> out_proj (the same rate twice)."""
+
+    cfg: Any
+    num_labels: int
+    rate: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        std = self.cfg.initializer_range
+        self.dense = nn.Dense(self.cfg.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=_normal(std, ("embed", "transform")), bias_init=_zeros(("transform",)))
+        self.out_proj = nn.Dense(self.num_labels, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=_normal(std, ("transform", "labels")), bias_init=_zeros(("labels",)))
+        # Two modules of one rate (transformers calls its one dropout twice): one mask each.
+        self.dropout_in = nn.Dropout(self.rate)
+        self.dropout_out = nn.Dropout(self.rate)
+
+    def __call__(self, first: jax.Array, deterministic: bool = True) -> jax.Array:
+        x = jnp.tanh(self.dense(self.dropout_in(first, deterministic=deterministic)))
+        return self.out_proj(self.dropout_out(x, deterministic=deterministic))
 
 
 class SequenceClassifier(TransformerEncoder):
     """Encoder + the sequence-classification head of the config's family. Call -> logits [B, L]
-    (float32). BERT: token_type_ids for sentence pairs; DistilBERT has none."""
+    (float32). BERT: token_type_ids for sentence pairs; the other families have none (RoBERTa's one
+    type is always 0). GPT-2 needs the attention mask of padded rows and pools the last token."""
 
     head: ClassifierHead = ClassifierHead()
 
     def setup(self):
         super().setup()
         cfg, std = self.cfg, self.cfg.initializer_range
+        family = check_classifier_config(cfg)
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, bias_init=_zeros(("transform",)),
                      kernel_init=_normal(std, ("embed", "transform")))
-        if family_of(cfg) == "bert":
+        hidden_rate = cfg.dropout if self.head.dropout is None else self.head.dropout
+        if family == "roberta":
+            self.classifier = RobertaClassificationHead(cfg, self.head.num_labels, hidden_rate, self.dtype,
+                                                        self.param_dtype)
+            return
+        if family == "gpt2":
+            self.score = nn.Dense(self.head.num_labels, use_bias=False, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, kernel_init=_normal(std, ("embed", "labels")))
+            return
+        if family == "bert":
             self.pooler = nn.Dense(cfg.hidden, **dense)
-            rate = cfg.dropout if self.head.dropout is None else self.head.dropout
+            rate = hidden_rate
         else:
             self.pre_classifier = nn.Dense(cfg.hidden, **dense)
             rate = cfg.seq_classif_dropout
@@ -114,7 +188,8 @@ class SequenceClassifier(TransformerEncoder):
                                    bias_init=_zeros(("labels",)))
 
     def pooled(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
-        """hidden [B, T, D] -> the classifier's input [B, D] (dropout applied in train mode)."""
+        """BERT / DistilBERT: hidden [B, T, D] -> the classifier's input [B, D] (dropout applied in
+        train mode)."""
         first = nn.with_logical_constraint(hidden[:, 0], (BATCH, "activation_embed"))
         if family_of(self.cfg) == "bert":
             x = jnp.tanh(self.pooler(first))
@@ -125,12 +200,25 @@ class SequenceClassifier(TransformerEncoder):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                  segment_ids=None, deterministic: bool = True) -> jax.Array:
         enc = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, deterministic)
-        return self.classifier(self.pooled(enc.last_hidden_state, deterministic)).astype(jnp.float32)
+        hidden = enc.last_hidden_state
+        family = family_of(self.cfg)
+        if family == "gpt2":
+            # transformers scores every position, then picks each row's last token; picking first
+            # gives the same logits with one row per sequence.
+            last = hidden[jnp.arange(hidden.shape[0]), last_token(input_ids, self.cfg.pad_token_id)]
+            logits = self.score(nn.with_logical_constraint(last, (BATCH, "activation_embed")))
+        elif family == "roberta":
+            first = nn.with_logical_constraint(hidden[:, 0], (BATCH, "activation_embed"))
+            logits = self.classifier(first, deterministic)
+        else:
+            logits = self.classifier(self.pooled(hidden, deterministic))
+        return logits.astype(jnp.float32)
 
 
 def build_classifier(cfg: ModelConfig, head: ClassifierHead, dtype=jnp.float32, param_dtype=jnp.float32,
                      remat: bool = False, attention: str = "xla") -> SequenceClassifier:
     """The classifier of ``cfg``'s family; ``attention``: a resolved ``jaxdistil.models.attention`` name."""
+    check_classifier_config(cfg)
     return SequenceClassifier(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, head=head, attention=attention)
 
 

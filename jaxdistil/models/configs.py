@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A model config that cannot be used (unknown activation, heads not dividing the width...)."""
 
 
+def field_type(field: dataclasses.Field) -> type:
+    """The plain type a config field holds (int / float / str / bool); a field whose default is None
+    (GPT-2's optional ``pad_token_id``) holds an int."""
+    return int if field.default is None else type(field.default)
+
+
 def _check_common(name: str, hidden: int, heads: int, act: str) -> None:
     if act not in ACTIVATIONS:
         raise ConfigError(f"{name}: activation {act!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
@@ -71,6 +77,8 @@ class BertConfig:
     position_offset = property(lambda self: 0)
     # The longest input: the position table's rows from position_offset on.
     max_tokens = property(lambda self: self.max_position_embeddings - self.position_offset)
+    # The id that pads the rows of a batch.
+    padding_id = property(lambda self: self.pad_token_id)
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -141,6 +149,7 @@ class DistilBertConfig:
     pre_ln = property(lambda self: False)
     position_offset = property(lambda self: 0)
     max_tokens = property(lambda self: self.max_position_embeddings)
+    padding_id = property(lambda self: self.pad_token_id)
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -173,6 +182,9 @@ class GPT2Config:
     reorder_and_upcast_attn: bool = False
     bos_token_id: int = 50256
     eos_token_id: int = 50256
+    # GPT-2 has no padding token: None unless a config sets one (a sequence classifier needs it to
+    # find each row's last token; transformers' GPT2ForSequenceClassification reads it from here).
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         _check_common("GPT2Config", self.n_embd, self.n_head, self.activation_function)
@@ -197,8 +209,9 @@ class GPT2Config:
     pre_ln = property(lambda self: True)
     position_offset = property(lambda self: 0)
     max_tokens = property(lambda self: self.n_positions)
-    # No [PAD] in GPT-2's vocabulary: batches are padded with <|endoftext|> under an attention mask.
-    pad_token_id = property(lambda self: self.eos_token_id)
+    # No [PAD] in GPT-2's vocabulary: LM batches are padded with <|endoftext|> under an attention
+    # mask (or with pad_token_id when the config sets one).
+    padding_id = property(lambda self: self.eos_token_id if self.pad_token_id is None else self.pad_token_id)
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -227,7 +240,7 @@ def config_from_hf_dict(data: dict[str, Any], source: str = "config") -> ModelCo
     for key, value in data.items():
         if key not in names or value is None:
             continue
-        kind = type(names[key].default)
+        kind = field_type(names[key])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdistil.models.configs import GPT2Config
 from jaxdistil.models.layers import MaskedLMOutput, TransformerEncoder
@@ -37,12 +38,16 @@ class GPT2LMHeadModel(TransformerEncoder):
 
 
 def greedy_generate(model: GPT2LMHeadModel, params, input_ids: jax.Array, new_tokens: int,
-                    temperature: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-    """Appends ``new_tokens`` tokens to ``input_ids`` [B, T0] (unpadded prompts of equal length).
+                    temperature: float = 0.0, rng: jax.Array | None = None, eos_token_id: int | None = None,
+                    pad_token_id: int | None = None) -> jax.Array:
+    """Appends up to ``new_tokens`` tokens to ``input_ids`` [B, T0] (unpadded prompts of equal length).
 
     temperature 0: greedy (arg-max), as transformers' ``generate(do_sample=False)``; otherwise
-    samples from softmax(logits / temperature) with ``rng``. Each step re-runs the whole prefix
-    (no KV cache): a smoke test and demo generator, not a serving path. Returns [B, T0 + new_tokens].
+    samples from softmax(logits / temperature) with ``rng``. ``eos_token_id``: as transformers, a row
+    that has produced it is finished: its later positions hold ``pad_token_id`` (default: the eos
+    id), and decoding stops once every row is finished, so the result is [B, T0 + n] with n <=
+    ``new_tokens`` (a batch of one ends at its eos). Each step re-runs the whole prefix (no KV cache):
+    a smoke test and demo generator, not a serving path.
     """
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng")
@@ -52,6 +57,7 @@ def greedy_generate(model: GPT2LMHeadModel, params, input_ids: jax.Array, new_to
     if total > model.cfg.n_positions:
         raise ValueError(f"prompt + new tokens = {total} exceeds the model's {model.cfg.n_positions} positions")
     buf = jnp.zeros((batch, total), jnp.int32).at[:, :start].set(ids)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
 
     @jax.jit
     def next_token(buf, pos, key):
@@ -63,7 +69,14 @@ def greedy_generate(model: GPT2LMHeadModel, params, input_ids: jax.Array, new_to
         return jnp.argmax(last, axis=-1).astype(jnp.int32)
 
     key = rng if rng is not None else jax.random.PRNGKey(0)
+    finished = np.zeros(batch, bool)
     for pos in range(start - 1, total - 1):
         key, sub = jax.random.split(key)
-        buf = buf.at[:, pos + 1].set(next_token(buf, pos, sub))
+        token = next_token(buf, pos, sub)
+        if eos_token_id is not None:
+            token = np.where(finished, pad, np.asarray(token))
+            finished |= token == eos_token_id
+        buf = buf.at[:, pos + 1].set(token)
+        if finished.all():
+            return buf[:, :pos + 2]
     return buf

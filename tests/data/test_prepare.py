@@ -276,6 +276,17 @@ def test_no_files_match(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_unknown_source_kind(tmp_path):
+    from jaxdistil.data.corpus import parse_source
+
+    with pytest.raises(UserError, match=r"unknown source kind 'files:'.*'corpus/\*\.txt'"):
+        run_prepare("files:owt/*.txt", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "files:odd.txt").write_text("a file whose name has a colon\n")
+    assert parse_source(str(tmp_path / "files:odd.txt")).patterns == (str(tmp_path / "files:odd.txt"),)
+    assert parse_source("file:owt/*.txt").patterns == ("owt/*.txt",)
+
+
 def test_empty_corpus(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n   \n")
     with pytest.raises(UserError, match="corpus is empty"):

@@ -119,3 +119,28 @@ def test_cli_reports_unknown_key_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: unknown config key 'train.colour'")
     assert cli.main(["train", "--config", str(tmp_path / "c.yaml"), "train.colour=red"]) == 2
     assert "train.colour" in capsys.readouterr().err
+
+
+def test_group_normalisation_refuses_packed_rows(tmp_path, capsys):
+    """Groups are loader.group_rows rows; packed rows hold several sequences each, so loss.normalize=group
+    would no longer average the reference's micro-batches: refused in one line naming the fix, both
+    when set by hand and on the shipped recipe (packed by default)."""
+    with pytest.raises(UserError) as err:
+        config_from_dict({}, ["loader.packed=true", "loader.batch_size=40", "loader.group_rows=5", "loss.normalize=group"])
+    message = str(err.value)
+    assert "\n" not in message and "loss.normalize=group" in message and "loader.packed=true" in message
+    assert "set loader.packed=false" in message
+    with pytest.raises(UserError, match="loader.packed=false"):
+        load_run_config(CONFIGS / "distilbert-base-uncased.yaml",
+                        ["loader.batch_size=2000", "loader.group_rows=5", "loss.normalize=group"])
+    # The command of docs/numerics.md, with its loader.packed=false, loads.
+    cfg = load_run_config(CONFIGS / "distilbert-base-uncased.yaml", [
+        "loader.batch_size=2000", "loader.packed=false", "loader.group_rows=5", "loss.normalize=group"])
+    assert cfg.loss.normalize == "group" and not cfg.loader.packed
+    # Through the command line: exit 2, one line, nothing written.
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(CONFIGS / "distilbert-base-uncased.yaml"), f"run_dir={run}",
+                     "loader.batch_size=2000", "loader.group_rows=5", "loss.normalize=group"]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: loss.normalize=group")
+    assert not run.exists()

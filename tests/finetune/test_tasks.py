@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxdistil.finetune.tasks import TaskConfig, load_task
+from jaxdistil.finetune.tasks import GLUE, TaskConfig, load_task
 
 torch = pytest.importorskip("torch")
 
@@ -23,3 +23,15 @@ def test_glue_tasks_through_tfds_mock_data():
     assert stsb.regression and stsb.num_labels == 1 and stsb.train.labels.dtype == np.float32
     assert mnli.num_labels == 3 and set(mnli.validation) == {"validation_matched", "validation_mismatched"}
     assert mnli.metrics == ("accuracy_matched", "accuracy_mismatched")
+
+
+@pytest.mark.parametrize("name", list(GLUE))
+def test_glue_labels_are_tfds_own(name, tmp_path):
+    """Label names in id order are those of tfds' own builder (its features, known without any
+    data); STS-B's label is a float score, no class names."""
+    feature = tfds.builder(f"glue/{name}", data_dir=str(tmp_path)).info.features["label"]
+    spec = GLUE[name]
+    if spec.num_labels == 1:
+        assert not isinstance(feature, tfds.features.ClassLabel) and np.dtype(feature.np_dtype).kind == "f" and not spec.labels
+    else:
+        assert tuple(feature.names) == spec.labels and feature.num_classes == spec.num_labels

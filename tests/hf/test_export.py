@@ -234,6 +234,15 @@ def test_cli_export_errors(hf_dirs, tmp_path, capsys):
     assert cli.main(args) == 2
     assert "--step applies to run directories" in capsys.readouterr().err
 
+    # --run names a run directory: one that does not exist is said so (not looked up on the Hub),
+    # as a relative path too.
+    for missing in (str(tmp_path / "no-such-run"), "runs/no-such-run"):
+        assert cli.main(["export", "--run", missing, "--output", str(tmp_path / "o5")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: run directory {missing} does not exist"), err
+        assert "Hugging Face Hub" not in err[0]
+    assert not (tmp_path / "o5").exists()
+
 
 def test_convert_weights_tool_both_directions(hf_dirs, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "tools" / "convert_weights.py")
@@ -244,4 +253,4 @@ def test_convert_weights_tool_both_directions(hf_dirs, tmp_path, capsys):
     assert "verified with transformers" in capsys.readouterr().out
     _assert_same_tensors(hf_dirs["bert"], tmp_path / "hf")
     assert tool.main(["to-hf", "--run", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import jax
@@ -99,3 +100,50 @@ def test_narrow_student_run_exports_without_the_projection(tmp_path):
     with pytest.raises(UserError) as err:
         train(config_from_dict(raw), log=lambda *a: None)
     assert "64" in str(err.value) and "32" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("arch,labels", [("RobertaForSequenceClassification", 3), ("GPT2ForSequenceClassification", 1)],
+                         ids=["roberta-3", "gpt2-regression"])
+def test_classifier_import_export_round_trip(arch, labels, tmp_path, capsys):
+    """A RoBERTa / GPT-2 classifier imported to a Flax directory and exported again: transformers'
+    tensors bit for bit, its config fields (architectures, labels, problem type, GPT-2's pad id),
+    verified in transformers and loaded by it as the same class with nothing missing."""
+    import classifiers
+    from safetensors.numpy import load_file
+
+    from jaxdistil import cli
+
+    extra = (dict(id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}) if labels == 3
+             else dict(problem_type="regression"))
+    source = classifiers.hf_model(tmp_path / "hf", arch, num_labels=labels, **extra)
+    assert cli.main(["import", "--model", str(source), "--output", str(tmp_path / "flax")]) == 0
+    assert cli.main(["export", "--model", str(tmp_path / "flax"), "--output", str(tmp_path / "out")]) == 0
+    assert "verified with transformers" in capsys.readouterr().out
+    ours, theirs = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(source / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    for name, value in ours.items():
+        np.testing.assert_array_equal(value, theirs[name], err_msg=name)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    want = json.loads((source / "config.json").read_text())
+    for key in ("architectures", "id2label", "label2id", "pad_token_id"):
+        assert config.get(key) == want.get(key), key
+    # transformers leaves problem_type null until a loss is computed; we write what it then infers.
+    assert config["problem_type"] == (want.get("problem_type") or "single_label_classification")
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "out"), output_loading_info=True)
+    assert type(model).__name__ == arch and not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_gpt2_classifier_without_a_pad_token_is_refused(tmp_path, capsys):
+    import classifiers
+
+    from jaxdistil import cli
+
+    source = classifiers.hf_model(tmp_path / "hf", "GPT2ForSequenceClassification", num_labels=2)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("pad_token_id")
+    (source / "config.json").write_text(json.dumps(config))
+    assert cli.main(["export", "--model", str(source), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no pad_token_id" in err[0] and '"pad_token_id"' in err[0], err
+    assert not (tmp_path / "out").exists()
