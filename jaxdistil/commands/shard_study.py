@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         _set_host_devices(args.host_devices)  # before anything imports jax
     meshes, overrides, rules = split_items(list(args.items) + list(args.meshes))
     options = dict(_parse_option(o) for o in args.compiler_option)
-    from jaxdistil.study.hardware import parse_targets  # noqa: PLC0415  (imports no JAX backend yet)
+    from jaxdistil.study.hardware import parse_targets
 
     targets = parse_targets(args.predict) if args.predict is not None else []
 

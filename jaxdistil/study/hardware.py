@@ -382,16 +382,20 @@ CPU_PLACEHOLDER = Chip(name="cpu (not calibrated)", family="cpu", matmul_flops={
                        vector_f32_flops=0.0, hbm_bytes_per_s=1.0, hbm_bytes=0.0, fabric="host", link_bytes_per_s=1.0)
 
 
-def _best_time(fn: Any, *args: Any, repeats: int = 5) -> float:
-    import jax  # noqa: PLC0415  (JAX starts only when a calibration runs)
+def _mean_time(fn: Any, state: Any, seconds: float) -> tuple[float, Any]:
+    """Mean seconds per call of ``state = fn(state)`` over at least ``seconds`` (after one warm-up
+    call): a rate over a window as long as a step, so that it sees the same competition for the
+    cores a step does on a shared machine (a best-of-short-runs rate would not)."""
+    import jax
 
-    jax.block_until_ready(fn(*args))
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
+    state = jax.block_until_ready(fn(state))
+    calls, start = 0, time.perf_counter()
+    while True:
+        state = jax.block_until_ready(fn(state))
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return elapsed / calls, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,33 +409,27 @@ class CpuRates:
     alloc: float
 
 
-def measure_cpu(device: Any = None, n: int = 1024, elements: int = 1 << 25) -> CpuRates:
-    """Measures this machine's rates on one host device (best of 5 of each, so other jobs on the
-    machine slow it as little as possible; a ~1 s measurement):
+def measure_cpu(device: Any = None, n: int = 1024, elements: int = 1 << 25, seconds: float = 0.25) -> CpuRates:
+    """Measures this machine's rates on one host device, each as a mean over ``seconds`` of
+    repeated calls (about 1 s in all):
 
-      matmul   an [n, n] x [n, n] dot in float32 and in bfloat16 (2 n^3 FLOPs each);
+      matmul   an [n, n] x [n, n] dot in float32, and one of [n/2, n/2] in bfloat16 (2 n^3 FLOPs);
       memory   ``x * a + b`` over ``elements`` float32 in place (a donated buffer: 8 bytes per element);
       alloc    the same into a fresh buffer, minus the in-place time: what XLA:CPU pays to touch
                memory it has just allocated (it allocates its temporaries at every execution).
     """
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
 
     device = device or jax.devices("cpu")[0]
     rates = {}
-    for dtype in (jnp.float32, jnp.bfloat16):
-        a = jax.device_put(jnp.ones((n, n), dtype), device)
-        rates[dtype] = 2.0 * n**3 / _best_time(jax.jit(lambda x: x @ x), a)
+    for dtype, size in ((jnp.float32, n), (jnp.bfloat16, n // 2)):
+        a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+        per_call, _ = _mean_time(jax.jit(lambda x: x @ x), a, seconds)
+        rates[dtype] = 2.0 * size**3 / per_call
     x = jax.device_put(jnp.ones((elements,), jnp.float32), device)
-    update = jax.jit(lambda v: v * 1.0001 + 1.0, donate_argnums=0)
-    x = update(x)
-    in_place = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        x = update(x)
-        x.block_until_ready()
-        in_place = min(in_place, time.perf_counter() - start)
-    fresh = _best_time(jax.jit(lambda v: v * 1.0001 + 1.0), x)
+    in_place, x = _mean_time(jax.jit(lambda v: v * 1.0001 + 1.0, donate_argnums=0), x, seconds)
+    fresh, _ = _mean_time(jax.jit(lambda v: v * 1.0001 + 1.0), x, seconds)
     nbytes = 4.0 * elements
     return CpuRates(rates[jnp.float32], rates[jnp.bfloat16], 2 * nbytes / in_place,
                     nbytes / max(fresh - in_place, 1e-3 * fresh))
@@ -453,10 +451,11 @@ def cpu_chip(rates: CpuRates) -> Chip:
                 f"memory {rates.memory / 1e9:.1f} GB/s; first touch {rates.alloc / 1e9:.2f} GB/s"))
 
 
-def calibrate_cpu(targets: list[Target], device: Any = None) -> tuple[list[Target], CpuRates | None]:
-    """Replaces the placeholder ``cpu`` target by one calibrated now (nothing to do without one)."""
+def calibrate_cpu(targets: list[Target], device: Any = None, **measure: Any) -> tuple[list[Target], CpuRates | None]:
+    """Replaces the placeholder ``cpu`` target by one calibrated now (nothing to do without one);
+    ``measure``: ``measure_cpu``'s sizes and window."""
     if not any(t.chip.family == "cpu" for t in targets):
         return targets, None
-    rates = measure_cpu(device)
+    rates = measure_cpu(device, **measure)
     chip = cpu_chip(rates)
     return [dataclasses.replace(t, chip=chip) if t.chip.family == "cpu" else t for t in targets], rates

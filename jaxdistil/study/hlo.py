@@ -470,7 +470,7 @@ _PAIRS_RE = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
 
 def _iota(dims: list[int], perm: list[int] | None) -> list[int]:
     """XLA's iota tile assignment ``[dims]T(perm)``: iota(prod dims) reshaped to dims, transposed."""
-    import numpy as np  # noqa: PLC0415  (only the group parser needs it)
+    import numpy as np
 
     ids = np.arange(math.prod(dims)).reshape(dims)
     if perm:
@@ -481,7 +481,7 @@ def _iota(dims: list[int], perm: list[int] | None) -> list[int]:
 def _mesh_groups(axes_text: str, device_text: str | None, group_text: str) -> list[list[int]]:
     """Groups of XLA's mesh form ``mesh['a'=2,'b'=4], device_ids=([2,4]T(1,0)) {'a'}``: the
     devices along the named axes (or sub-axes ``'a':(pre)size``), the other axes fixed."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     names = [n for n, _ in _MESH_AXIS_RE.findall(axes_text)]
     sizes = [int(s) for _, s in _MESH_AXIS_RE.findall(axes_text)]
@@ -582,6 +582,9 @@ class OpCost:
     dtype: str
     op_name: str = ""
     transcendentals: int = 0  # elements of exp / log / tanh / ... the op computes
+    # "": every backend runs it; "cpu": inside a rolled random-bits loop, which only XLA:CPU emits;
+    # "accelerator": that loop as one pass writing its bits, as GPU and TPU compile it (``op_costs``).
+    backend: str = ""
 
 
 def _operand_names(instr: _Instr) -> list[str]:
@@ -693,6 +696,7 @@ def op_costs(hlo_text: str) -> list[OpCost]:
                     applied.update(names)
     own = {comp: sum(op.size for op in _collective_ops(instrs)) for comp, instrs in module.computations.items()}
     mult, _, _ = _multiplicities(module, own)
+    rng_loops = _rng_loop_computations(module)
     cache: dict[str, _Fused] = {}
     out: list[OpCost] = []
     for comp, instrs in module.computations.items():
@@ -700,8 +704,13 @@ def op_costs(hlo_text: str) -> list[OpCost]:
         if not m or comp in fused or comp in applied:
             continue
         shapes = {instr.name: instr.type_text for instr in instrs}
+        backend = "cpu" if comp in rng_loops else ""
         for instr in instrs:
             kind, _ = _kind(instr.opcode)
+            if instr.opcode == "while" and not backend and _is_rng_loop(instr):
+                found = _OP_NAME_RE.search(instr.tail)
+                out.append(OpCost(instr.name, "rng-loop", 0.0, shape_bytes(instr.type_text), m, "",
+                                  found.group(1) if found else "", backend="accelerator"))
             if instr.opcode in _FREE_OPS or kind is not None:
                 continue
             operands = _operand_names(instr)
@@ -738,5 +747,35 @@ def op_costs(hlo_text: str) -> list[OpCost]:
                 nbytes = result + sum(sizes)
             found = _OP_NAME_RE.search(instr.tail)
             out.append(OpCost(instr.name, instr.opcode, flops, nbytes, m, dtype, found.group(1) if found else "",
-                              transcendentals))
+                              transcendentals, backend))
     return out
+
+
+# JAX lowers threefry2x32 on CPU with rolled loops (jax/_src/prng.py, ``use_rolled_loops=True`` for
+# the cpu platform, to keep compiles short) and unrolled on GPU and TPU, where the rounds fuse into
+# one elementwise kernel. The loops carry the JAX function that drew the bits in their op_name.
+_RNG_LOOP_RE = re.compile(r"jit\((?:_uniform|_threefry\w*|_randint|_gumbel|_bernoulli|_random_bits|_normal\w*)\)/"
+                          r"(?:[^/]*/)*while$")
+
+
+def _is_rng_loop(instr: _Instr) -> bool:
+    found = _OP_NAME_RE.search(instr.tail)
+    return bool(found and _RNG_LOOP_RE.search(found.group(1)))
+
+
+def _rng_loop_computations(module: HloModuleText) -> set[str]:
+    """Computations that run inside a rolled random-bits loop (its body and condition, and what
+    they call)."""
+    todo = []
+    for instrs in module.computations.values():
+        for instr in instrs:
+            if instr.opcode == "while" and _is_rng_loop(instr):
+                todo += [call.callee for call in _calls(instr)]
+    seen: set[str] = set()
+    while todo:
+        comp = todo.pop()
+        if comp in seen or comp not in module.computations:
+            continue
+        seen.add(comp)
+        todo += [call.callee for instr in module.computations[comp] for call in _calls(instr)]
+    return seen

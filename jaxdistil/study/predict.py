@@ -10,8 +10,16 @@ The model, named in every prediction (``MODEL``):
   compute     a roofline per op of the program: an op takes max(dot FLOPs / matmul peak for its
               inputs' type, bytes / HBM bandwidth); the step's compute is the sum over ops (ops run
               one after another on a device). Ops whose FLOP term wins are "matmul-bound", the
-              others "HBM-bound". On the calibrated ``cpu`` the runtime's first touch of the memory it
-              allocates at every execution (temporaries, outputs) adds bytes / first-touch rate.
+              others "HBM-bound". The program is XLA:CPU's, so two of its CPU-only habits are undone
+              for GPU and TPU targets: the rolled loops in which it draws random bits (dropout,
+              masking) count as one pass writing the bits, and all-reduces it uses for a
+              reduce-scatter count as reduce-scatters (see collectives). On the calibrated ``cpu``
+              the runtime's first touch of the memory it allocates at every execution
+              (temporaries, outputs) adds bytes / first-touch rate.
+  fused       a lower bound on compute for a compiler that fuses every elementwise op into the
+              matmuls around it: the ops with dots alone (their rooflines as above) plus the step's
+              arguments read and outputs written once (``step_s_fused``, ``mfu_fused``). XLA:CPU
+              fuses less than XLA:GPU and XLA:TPU, so the real step lies between the two.
   collectives each collective takes ring steps x hop latency + wire bytes / B, where the wire bytes
               are the ring algorithm's (``cost.wire_factor``) and B the bandwidth per direction of
               the links its group spans on the target (``hardware.Slice.bandwidth``: NVLink or
@@ -26,29 +34,28 @@ The model, named in every prediction (``MODEL``):
   bound       what the step waits on most: "compute" (matmul-bound ops), "HBM" (memory-bound ops)
               or "collectives (<axes>)" when collectives take longer than compute.
 
-What it leaves out (docs/sharding-study.md): the program is XLA:CPU's, whose fusion decisions
-differ from XLA:GPU's and XLA:TPU's (memory bytes are an upper estimate for them); kernels reach
-less than peak (real MFU is lower than the roofline's); no contention between concurrent
-collectives; the CPU's buffer plan stands in for the accelerator's.
+What it leaves out (docs/sharding-study.md): kernels reach less than peak (real MFU is lower than a
+roofline's); launch overheads; contention between concurrent collectives; the accelerator
+compiler's own buffer plan (the CPU's stands in for it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
-from jaxdistil.study.cost import StepCost, axes_label, ring_steps, wire_factor
+from jaxdistil.study.cost import StepCost, axes_label, ring_steps
 from jaxdistil.study.hardware import Target
 
 MODEL = "roofline-v1"
 MODEL_DESCRIPTION = (
     "roofline-v1: per-op roofline of the compiled program (max(dot FLOPs / matmul peak of the input type, "
-    "bytes / HBM bandwidth), summed over ops) + ring collectives on the links each group's mesh axes span "
-    "(all-reduce 2(n-1)/n, all-gather and all-to-all (n-1)/n, reduce-scatter (n-1), permute 1 times the "
-    "result bytes, per direction, plus hop latency); step time bounds: full overlap max(compute, "
-    "collectives), no overlap compute + collectives")
+    "bytes / HBM bandwidth), summed over ops; XLA:CPU's rolled random-bits loops as one pass on GPU/TPU) + ring "
+    "collectives on the links each group's mesh axes span (all-reduce 2(n-1)/n, all-gather and all-to-all "
+    "(n-1)/n, reduce-scatter (n-1), permute 1 times the result bytes, per direction, plus hop latency; "
+    "XLA:CPU's all-reduce+slice as reduce-scatter on GPU/TPU); step time bounds: full overlap max(compute, "
+    "collectives), no overlap compute + collectives; fused: the dot ops alone (every elementwise op fused)")
 DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "bf16"}
 
 
@@ -75,6 +82,9 @@ class Prediction:
     links: dict[str, str] = dataclasses.field(default_factory=dict)
     step_s_overlap: float | None = None
     step_s_serial: float | None = None
+    compute_fused_s: float | None = None
+    step_s_fused: float | None = None
+    mfu_fused: float | None = None
     tokens_per_s_overlap: float | None = None
     tokens_per_s_serial: float | None = None
     mfu_overlap: float | None = None
@@ -90,8 +100,9 @@ class Prediction:
 
     def flat(self, prefix: str) -> dict[str, Any]:
         """The CSV columns of this prediction, ``<prefix>_...``."""
-        keys = ("step_s_overlap", "step_s_serial", "tokens_per_s_overlap", "tokens_per_s_serial", "mfu_overlap",
-                "mfu_serial", "compute_s", "collective_s", "needed_bytes", "fits", "bound", "model", "refused")
+        keys = ("step_s_overlap", "step_s_serial", "step_s_fused", "tokens_per_s_overlap", "tokens_per_s_serial",
+                "mfu_overlap", "mfu_serial", "mfu_fused", "compute_s", "compute_fused_s", "collective_s",
+                "needed_bytes", "fits", "bound", "model", "refused")
         return {f"{prefix}_{k}": getattr(self, k) for k in keys}
 
 
@@ -114,22 +125,31 @@ def predict(cost: StepCost, target: Target, tokens_per_step: int, model_flops_pe
     out.layout = layout.describe()
     share = n if chip.family == "cpu" else 1  # host devices run at once on the same cores
 
-    matmul_s = memory_s = 0.0
+    accelerator = chip.family in ("gpu", "tpu")
+    skip = "cpu" if accelerator else "accelerator"  # XLA:CPU's rolled random-bits loops, or their fused pass
+    matmul_s = memory_s = fused_s = 0.0
+    rng_loops = 0
     for op in cost.ops:
+        if op.backend == skip:
+            continue
+        rng_loops += op.backend == "accelerator"
         t_flops = op.flops * share / chip.peak(op.dtype) if op.flops else 0.0
         t_bytes = op.bytes * share / chip.hbm_bytes_per_s
         if t_flops >= t_bytes:
             matmul_s += op.executions * t_flops
         else:
             memory_s += op.executions * t_bytes
+        if op.flops:
+            fused_s += op.executions * max(t_flops, t_bytes)
+    m = cost.memory
+    unaliased = max(0, (m.get("output") or 0) - (m.get("alias") or 0))
     alloc_s = 0.0
     if chip.alloc_bytes_per_s:
-        m = cost.memory
-        fresh = (m.get("temp") or 0) + max(0, (m.get("output") or 0) - (m.get("alias") or 0))
-        alloc_s = fresh * share / chip.alloc_bytes_per_s
+        alloc_s = ((m.get("temp") or 0) + unaliased) * share / chip.alloc_bytes_per_s
     compute_s = matmul_s + memory_s + alloc_s
+    # The fused bound: only the ops with dots, the step's arguments read and its outputs written once.
+    fused_s += ((m.get("argument") or 0) + (m.get("output") or 0)) * share / chip.hbm_bytes_per_s
 
-    accelerator = chip.family in ("gpu", "tpu")
     by_axes: dict[str, float] = {}
     links: dict[str, str] = {}
     sliced = 0
@@ -148,18 +168,24 @@ def predict(cost: StepCost, target: Target, tokens_per_step: int, model_flops_pe
         by_axes[key] = by_axes.get(key, 0.0) + t
         links[key] = link
     collective_s = sum(by_axes.values())
+    if rng_loops:
+        out.notes.append(f"{rng_loops} rolled random-bits loop(s) (XLA:CPU's threefry) costed as one pass writing "
+                         "their bits, as GPU and TPU unroll and fuse them")
     if sliced:
         out.notes.append(f"{sliced} all-reduce(s) whose results are only sliced (XLA:CPU's reduce-scatter) timed as "
                          "reduce-scatters")
 
     overlap, serial = max(compute_s, collective_s), compute_s + collective_s
+    fused = max(fused_s, collective_s)
     peak = chip.peak(DTYPES.get(compute_dtype, "f32")) / share * n
     out.matmul_s, out.memory_s, out.alloc_s, out.compute_s = matmul_s, memory_s, alloc_s, compute_s
+    out.compute_fused_s, out.step_s_fused = fused_s, fused
     out.collective_s, out.collective_by_axes, out.links = collective_s, by_axes, links
     out.step_s_overlap, out.step_s_serial = overlap, serial
     if overlap > 0:
         out.tokens_per_s_overlap, out.tokens_per_s_serial = tokens_per_step / overlap, tokens_per_step / serial
         out.mfu_overlap, out.mfu_serial = model_flops_per_step / overlap / peak, model_flops_per_step / serial / peak
+        out.mfu_fused = model_flops_per_step / fused / peak
     out.needed_bytes = cost.needed_bytes
     out.capacity_bytes = chip.hbm_bytes / share
     if out.needed_bytes is not None and out.capacity_bytes:
@@ -193,15 +219,3 @@ def fmt_range(low: float | None, high: float | None, scale: float = 1.0, digits:
 def hardware_meta(targets: list[Target]) -> dict[str, Any]:
     """The figures each prediction used (for the study's JSON)."""
     return {t.label: {"devices": t.devices, **t.chip.to_json()} for t in targets}
-
-
-def by_kind(cost: StepCost, accelerator: bool) -> Mapping[str, float]:
-    """Wire bytes per device per step by collective kind (all axes together)."""
-    out: dict[str, float] = {}
-    for c in cost.collectives:
-        out[c.kind] = out.get(c.kind, 0.0) + c.wire_bytes(accelerator)
-    return out
-
-
-__all__ = ["MODEL", "MODEL_DESCRIPTION", "Prediction", "predict", "predict_all", "fmt_range", "hardware_meta",
-           "by_kind", "wire_factor"]

@@ -19,7 +19,7 @@ from jaxdistil.study.predict import Prediction, fmt_range
 from jaxdistil.training.sharding import MESH_AXES
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt
 
 
 @dataclasses.dataclass
@@ -167,8 +167,8 @@ TABLE_COLUMNS = (
 )
 
 
-PREDICTION_COLUMNS = ("mesh", "target", "devices as", "step ms", "tokens/s", "MFU", "compute ms", "collectives ms",
-                      "memory/dev", "fits", "bound")
+PREDICTION_COLUMNS = ("mesh", "target", "devices as", "step ms", "tokens/s", "MFU", "fused ms", "MFU fused",
+                      "collectives ms", "memory/dev", "fits", "bound")
 
 
 def _targets(results: list[StrategyResult]) -> list[str]:
@@ -211,8 +211,8 @@ def prediction_rows(results: list[StrategyResult]) -> list[list[str]]:
             rows.append([
                 r.mesh, p.target, p.layout, fmt_range(p.step_s_overlap, p.step_s_serial, 1e3),
                 fmt_range(p.tokens_per_s_serial, p.tokens_per_s_overlap),
-                fmt_range(p.mfu_serial, p.mfu_overlap, 100) + "%",
-                f"{p.compute_s * 1e3:.3g}", f"{p.collective_s * 1e3:.3g}", memory, fits, p.bound,
+                fmt_range(p.mfu_serial, p.mfu_overlap, 100) + "%", fmt_range(p.step_s_fused, p.step_s_fused, 1e3),
+                fmt_range(p.mfu_fused, p.mfu_fused, 100) + "%", f"{p.collective_s * 1e3:.3g}", memory, fits, p.bound,
             ])
     return rows
 
@@ -222,8 +222,9 @@ def prediction_notes(results: list[StrategyResult]) -> list[str]:
     lines = []
     models = dict.fromkeys(p.model for r in results for p in r.predictions)
     if models:
-        lines.append(f"model {', '.join(models)} (docs/sharding-study.md); step ms: full overlap–no overlap of "
-                     "compute and collectives")
+        lines.append(f"model {', '.join(models)} (docs/sharding-study.md): step ms, tokens/s and MFU from full to no "
+                     "overlap of compute and collectives, for the program as XLA:CPU fused it; fused: if every "
+                     "elementwise op were fused into the matmuls")
     for r in results:
         for p in r.predictions:
             for note in ([p.refused] if p.refused else []) + p.notes:
@@ -333,7 +334,7 @@ def _prediction_panel(ax: Any, results: list[StrategyResult], targets: list[str]
     hatched bar where the step does not fit the device's memory."""
     width = 0.8 / len(targets)
     for j, target in enumerate(targets):
-        xs, low, high, hatches = [], [], [], []
+        xs, low, high, fused, hatches = [], [], [], [], []
         for i, r in enumerate(results):
             p = next((p for p in r.predictions if p.target == target and not p.refused), None)
             if p is None or p.step_s_overlap is None:
@@ -341,10 +342,12 @@ def _prediction_panel(ax: Any, results: list[StrategyResult], targets: list[str]
             xs.append(i - 0.4 + width * (j + 0.5))
             low.append(p.step_s_overlap * 1e3)
             high.append(p.step_s_serial * 1e3)
+            fused.append(p.step_s_fused * 1e3)
             hatches.append("xx" if p.fits is False else None)
         bars = ax.bar(xs, low, width=width, label=target)
         for bar, h in zip(bars, hatches):
             bar.set_hatch(h)
         ax.vlines(xs, low, high, colors="black", linewidth=1)
-    ax.set_title("predicted step (bar: full overlap, line: none; xx: does not fit)", fontsize="small")
+        ax.scatter(xs, fused, marker="_", s=300, color="black", zorder=3, label="fused" if j == 0 else None)
+    ax.set_title("predicted step (bar: full overlap, line: none, dash: fused; xx: does not fit)", fontsize="small")
     ax.set_ylabel("ms")

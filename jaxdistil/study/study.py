@@ -382,7 +382,8 @@ def run_study(setup: StudySetup, meshes: list[str | Mapping[str, int]], steps: i
     results = []
     for i, (label, sizes) in enumerate(zip(labels, resolved)):
         if log:
-            log(f"[{i + 1}/{len(resolved)}] {label}: compiling and running {warmup} + {steps} steps")
+            log(f"[{i + 1}/{len(resolved)}] {label}: " + (f"compiling and running {warmup} + {steps} steps" if steps
+                                                           else "compiling (--steps 0: nothing runs)"))
         res = measure_strategy(setup, sizes, devices, host_batches, steps, warmup, compiler_options, hlo_dir,
                                targets)
         for note in notes[label]:

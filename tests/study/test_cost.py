@@ -21,8 +21,7 @@ from jaxdistil.distill.objective import StepConfig
 from jaxdistil.models.flops import train_flops_per_token
 from jaxdistil.pytrees import path_str
 from jaxdistil.study import cost as costlib
-from jaxdistil.study import hlo
-from jaxdistil.study import memory
+from jaxdistil.study import hlo, memory
 from jaxdistil.study import study as st
 from jaxdistil.training import sharding as shd
 from jaxdistil.training.optim import OptimConfig
@@ -59,7 +58,7 @@ def test_groups_name_the_mesh_axes_xla_reduced_over():
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     x = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("a", "b")))
     for axis, expected in (("a", ("data",)), ("b", ("fsdp",))):
-        f = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, axis), mesh=mesh, in_specs=P("a", "b"),
+        f = jax.jit(jax.shard_map(lambda v, axis=axis: jax.lax.psum(v, axis), mesh=mesh, in_specs=P("a", "b"),
                                   out_specs=P("a", "b")))
         stats = hlo.collective_stats(f.lower(x).compile().as_text())
         (op,) = [o for o in stats.ops if o["kind"] == "all-reduce"]
@@ -90,8 +89,8 @@ STUDENT = tiny.student_cfg(n_layers=3)
 TEACHER = tiny.teacher_cfg(num_hidden_layers=4)
 
 
-def _compile(mesh: str, loss: LossConfig = LossConfig(), accum: int = 1, batch: int = B, seq: int = T):
-    cfg = StepConfig(loss=loss, optim=OptimConfig(total_steps=10, grad_accum_steps=accum), mask_id=tiny.MASK_ID)
+def _compile(mesh: str, loss: LossConfig | None = None, accum: int = 1, batch: int = B, seq: int = T):
+    cfg = StepConfig(loss=loss or LossConfig(), optim=OptimConfig(total_steps=10, grad_accum_steps=accum), mask_id=tiny.MASK_ID)
     spec = StepSpec(STUDENT, TEACHER, cfg, shd.MeshConfig.parse(mesh))
     devices = jax.devices()[:1] if mesh == "data=1" else jax.devices()
     built = DistillStep(spec, devices)
@@ -169,8 +168,8 @@ def test_fsdp_gathers_P_per_pass_and_reduce_scatters_G(steps):
     """
     cost, state, teacher, _ = steps["fsdp=8"]
     n = 8
-    position = lambda path, leaf: "position_embeddings" in path  # noqa: E731
-    split = lambda path, leaf: _on_fsdp(path, leaf) and not position(path, leaf)  # noqa: E731
+    position = lambda path, leaf: "position_embeddings" in path
+    split = lambda path, leaf: _on_fsdp(path, leaf) and not position(path, leaf)
     p_teacher = _bytes(teacher, split)
     p_student = _bytes(state.params, split)
     p_backward = _bytes(state.params, lambda path, leaf: split(path, leaf) and "encoder" in path and "kernel" in path)
@@ -262,3 +261,19 @@ def test_op_costs_count_loops_and_in_place_updates():
     # whole [6, 32, 32] stack at every one of the 6 iterations.
     assert 6 * 32 * 32 * 4 <= traffic < 6 * (6 * 32 * 32 * 4)
     assert sum(o.transcendentals * o.executions for o in ops) == 6 * 8 * 32  # the tanh
+
+
+def test_random_bits_loops_are_marked():
+    """XLA:CPU draws random bits in rolled threefry loops; GPU and TPU unroll them into one fused
+    pass. The ops inside such a loop are CPU-only; the loop itself appears once, for accelerators,
+    as its state written once."""
+    text = jax.jit(lambda key: jax.random.bernoulli(key, 0.9, (256, 64))).lower(
+        jax.random.PRNGKey(0)).compile().as_text()
+    ops = hlo.op_costs(text)
+    inside = [o for o in ops if o.backend == "cpu"]
+    loops = [o for o in ops if o.backend == "accelerator"]
+    if not inside:  # an XLA that unrolls threefry on CPU too: nothing to undo
+        assert not loops
+        return
+    assert loops and all(o.opcode == "rng-loop" and o.bytes >= 2 * 256 * 64 * 4 // 2 for o in loops)
+    assert all(o.executions >= 1 for o in inside)

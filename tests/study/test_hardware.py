@@ -143,10 +143,11 @@ def test_device_count_must_match():
 def test_cpu_calibration_measures_this_machine():
     import jax
 
-    rates = hw.measure_cpu(jax.devices()[0], n=256, elements=1 << 20)
+    small = {"n": 256, "elements": 1 << 20, "seconds": 0.02}
+    rates = hw.measure_cpu(jax.devices()[0], **small)
     assert rates.matmul_f32 > 1e8 and rates.matmul_bf16 > 1e6 and rates.memory > 1e8 and rates.alloc > 1e7
     chip = hw.cpu_chip(rates)
     assert chip.peak("f32") == rates.matmul_f32 and chip.alloc_bytes_per_s == rates.alloc
-    targets, measured = hw.calibrate_cpu(hw.parse_targets("H100,cpu"), jax.devices()[0])
+    targets, measured = hw.calibrate_cpu(hw.parse_targets("H100,cpu"), jax.devices()[0], **small)
     assert measured is not None and targets[0].chip is hw.CHIPS["h100"] and targets[1].chip.family == "cpu"
     assert targets[1].chip.name == "cpu (calibrated)"
