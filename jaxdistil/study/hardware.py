@@ -23,6 +23,7 @@ are per direction. The time model that uses them is ``jaxdistil.study.predict``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -334,6 +335,10 @@ class Slice:
             return f"{self.devices} GPUs in {nodes} node{'s' if nodes > 1 else ''} of {chip.node_devices}"
         return f"{self.devices} host device{'s' if self.devices > 1 else ''} sharing this machine"
 
+    @functools.cached_property
+    def _placement(self) -> list[list[tuple[int, int, int]]]:
+        return _place(list(self.mesh_sizes.values()), self.shape)
+
     def _coords(self, position: int) -> tuple[int, ...]:
         """Physical torus coordinates of the mesh's flat position."""
         sizes = list(self.mesh_sizes.values())  # in mesh order (data, fsdp, tensor)
@@ -344,7 +349,7 @@ class Slice:
             rest //= size
         mesh_coords.reverse()
         coords = [0] * len(self.shape)
-        for axis, parts in enumerate(_place(sizes, self.shape)):
+        for axis, parts in enumerate(self._placement):
             c = mesh_coords[axis]
             for dim, factor, stride in parts:
                 coords[dim] += (c % factor) * stride
