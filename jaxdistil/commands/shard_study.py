@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="global batch rows (default: loader.batch_size)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: loader.max_len)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per mesh (default 3)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps per mesh (default 3); 0: compile and analyse only, nothing placed or "
+                             "run (for shapes too large for this machine: no step time, no loss)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed steps before them (default 1); the loss is taken after warmup+steps")
     parser.add_argument("--output", default="shard-study", help="directory for CSV, JSON, Markdown, PNG, HLO")
@@ -53,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="XLA option for the step's compile, e.g. xla_backend_optimization_level=0 "
                              "(repeatable; the same for every mesh)")
     parser.add_argument("--no-hlo", action="store_true", help="do not write each mesh's optimized HLO")
+    parser.add_argument(
+        "--predict", default=None, metavar="TARGETS",
+        help="predict each mesh's step time, tokens/s, MFU, memory fit and bound on accelerators, from its "
+             "compiled program (model roofline-v1, docs/sharding-study.md): comma-separated H100, H200, A100 "
+             "(xN for N GPUs in nodes of 8, e.g. H100x16), v4-N / v5p-N (N TensorCores, 2 per chip: v5p-16 = "
+             "8 chips), v5e-N / v6e-N (N chips), cpu (this machine, calibrated now). A name without a count "
+             "takes the mesh's device count; one with a count must match it")
 
 
 def split_items(items: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
@@ -114,12 +123,15 @@ def run(args: argparse.Namespace) -> int:
         _set_host_devices(args.host_devices)  # before anything imports jax
     meshes, overrides, rules = split_items(list(args.items) + list(args.meshes))
     options = dict(_parse_option(o) for o in args.compiler_option)
+    from jaxdistil.study.hardware import parse_targets
+
+    targets = parse_targets(args.predict) if args.predict is not None else []
 
     # Imported only now: --host-devices must set XLA_FLAGS before JAX starts.
     import jax
 
     from jaxdistil.distill.config import load_run_config
-    from jaxdistil.study.report import print_table
+    from jaxdistil.study.report import prediction_notes, print_table
     from jaxdistil.study.study import describe_models, run_study, setup_from_run_config, write_outputs
     from jaxdistil.training.sharding import MeshConfig
 
@@ -143,15 +155,19 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     report = run_study(setup, meshes, args.steps, args.warmup, args.tolerance, devices, log, options,
-                       None if args.no_hlo else out / "hlo")
+                       None if args.no_hlo else out / "hlo", targets)
     title = describe_models(setup)
     paths = write_outputs(report, out, title)
     print_table(report.results, title=title)
     for res in report.results:
         for note in res.notes:
             print(f"  {res.mesh}: {note}")
+    for line in prediction_notes(report.results):
+        print(f"  {line}")
     ref = report.results[0].mesh
-    if report.agree:
+    if args.steps == 0:
+        print("compiled and analysed only (--steps 0): no step ran, no losses to compare")
+    elif report.agree:
         print(f"losses agree: every strategy within {args.tolerance:g} x max(1, |loss|) of {ref} "
               f"after {total} steps")
     else:

@@ -30,6 +30,20 @@ def max_device_bytes(tree: Any) -> int:
     return max(per_device_bytes(tree).values(), default=0)
 
 
+def abstract_device_bytes(tree: Any) -> int:
+    """``max_device_bytes`` of a tree of ``jax.ShapeDtypeStruct`` s carrying shardings (nothing
+    placed): each leaf's shard on every device, from its sharding's index map."""
+    totals: collections.Counter[Any] = collections.Counter()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            continue
+        for device, index in sharding.devices_indices_map(leaf.shape).items():
+            shape = [len(range(*s.indices(dim))) for s, dim in zip(index, leaf.shape)]
+            totals[device.id] += math.prod(shape) * leaf.dtype.itemsize
+    return max(totals.values(), default=0)
+
+
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 
 

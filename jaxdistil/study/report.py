@@ -6,18 +6,20 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
 from rich.console import Console
 from rich.table import Table
 
+from jaxdistil.study.cost import StepCost
 from jaxdistil.study.hlo import COLLECTIVES, CollectiveStats
+from jaxdistil.study.predict import Prediction, fmt_range
 from jaxdistil.training.sharding import MESH_AXES
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt
 
 
 @dataclasses.dataclass
@@ -42,6 +44,8 @@ class StrategyResult:
     matmul_flops: float | None = None  # dots of the HLO, loop bodies x trip count (matmul_flops)
     loss_delta: float | None = None  # vs the first strategy
     loss_agrees: bool | None = None
+    cost: StepCost | None = None  # what one step costs each device (study.cost)
+    predictions: list[Prediction] = dataclasses.field(default_factory=list)  # one per --predict target
 
     @property
     def state_bytes(self) -> int:
@@ -85,6 +89,12 @@ class StrategyResult:
             step_s_median=self.step_s, tokens_per_s=self.tokens_per_s, loss=self.loss,
             loss_delta=self.loss_delta, loss_agrees=self.loss_agrees, notes="; ".join(self.notes),
         )
+        if self.cost is not None:
+            row.update(hbm_bytes_per_device=self.cost.hbm_bytes, needed_bytes_per_device=self.cost.needed_bytes)
+            for axes, kinds in self.cost.wire_bytes().items():
+                row[f"wire_bytes_{axes}"] = sum(kinds.values())
+        for p in self.predictions:
+            row.update(p.flat(f"predict_{p.target}"))
         return row
 
     def to_json(self) -> dict[str, Any]:
@@ -93,10 +103,20 @@ class StrategyResult:
             sizes=self.sizes, memory=self.memory, step_times_s=self.step_times_s, losses=self.losses,
             collectives={"count": self.collectives.count, "bytes": self.collectives.bytes,
                          "static_count": self.collectives.static_count,
-                         "largest": self.collectives.largest(20), "in_loops": self.collectives.in_loops()},
+                         "largest": [_short(op) for op in self.collectives.largest(20)],
+                         "in_loops": [_short(op) for op in self.collectives.in_loops()]},
             notes=self.notes,
         )
+        if self.cost is not None:
+            out["cost"] = self.cost.summary()
+        out["predictions"] = [p.to_json() for p in self.predictions]
         return out
+
+
+def _short(op: Mapping[str, Any]) -> dict[str, Any]:
+    """A collective op for the JSON: its first replica group instead of all of them."""
+    groups = op.get("groups") or []
+    return {**{k: v for k, v in op.items() if k != "groups"}, "group": groups[0] if groups else None}
 
 
 def check_agreement(results: list[StrategyResult], tolerance: float) -> bool:
@@ -105,12 +125,13 @@ def check_agreement(results: list[StrategyResult], tolerance: float) -> bool:
     Agreement: |loss - loss_ref| <= tolerance * max(1, |loss_ref|), i.e. absolute below a loss of
     1 and relative above it (float32 sums in a different order differ in the last bits).
     """
-    if not results:
+    ran = [r for r in results if r.losses]  # compiled-only strategies (--steps 0) have no loss
+    if not ran:
         return True
-    ref = results[0].loss
+    ref = ran[0].loss
     bound = tolerance * max(1.0, abs(ref))
     ok = True
-    for res in results:
+    for res in ran:
         res.loss_delta = res.loss - ref
         res.loss_agrees = bool(math.isfinite(res.loss) and abs(res.loss_delta) <= bound)
         ok &= res.loss_agrees
@@ -146,6 +167,18 @@ TABLE_COLUMNS = (
 )
 
 
+PREDICTION_COLUMNS = ("mesh", "target", "devices as", "step ms", "tokens/s", "MFU", "fused ms", "MFU fused",
+                      "collectives ms", "memory/dev", "fits", "bound")
+
+
+def _targets(results: list[StrategyResult]) -> list[str]:
+    return list(dict.fromkeys(p.target for r in results for p in r.predictions))
+
+
+def _num(value: float, spec: str) -> str:
+    return "n/a" if not math.isfinite(value) else format(value, spec)
+
+
 def table_rows(results: list[StrategyResult]) -> list[list[str]]:
     """The display table (one row per strategy, ``TABLE_COLUMNS``), as strings."""
     rows = []
@@ -158,39 +191,85 @@ def table_rows(results: list[StrategyResult]) -> list[list[str]]:
             *(_fmt_coll(r.collectives, k) for k in COLLECTIVES),
             "n/a" if r.matmul_flops is None else f"{r.matmul_flops / 1e9:.3g}",
             "n/a" if r.flops is None else f"{r.flops / 1e9:.3g}",
-            f"{r.compile_s:.1f}", f"{r.step_s * 1e3:.0f}", f"{r.tokens_per_s:,.0f}",
-            f"{r.loss:.6f}", ("n/a" if r.loss_delta is None else f"{r.loss_delta:+.1e}") + agree,
+            f"{r.compile_s:.1f}", _num(r.step_s * 1e3, ".0f"), _num(r.tokens_per_s, ",.0f"),
+            _num(r.loss, ".6f"), ("n/a" if r.loss_delta is None else f"{r.loss_delta:+.1e}") + agree,
         ])
     return rows
 
 
-def print_table(results: list[StrategyResult], title: str = "", file: Any = None) -> None:
-    """The table on the terminal (rich)."""
-    rows = table_rows(results)
+def prediction_rows(results: list[StrategyResult]) -> list[list[str]]:
+    """The prediction table (one row per strategy and --predict target, ``PREDICTION_COLUMNS``):
+    times, tokens/s and MFU as 'no overlap–full overlap' ranges of compute and collectives."""
+    rows = []
+    for r in results:
+        for p in r.predictions:
+            if p.refused:
+                rows.append([r.mesh, p.target, "not predicted", *["n/a"] * (len(PREDICTION_COLUMNS) - 3)])
+                continue
+            fits = "n/a" if p.fits is None else ("yes" if p.fits else "NO")
+            memory = f"{fmt_bytes(p.needed_bytes)} of {fmt_bytes(p.capacity_bytes)}"
+            rows.append([
+                r.mesh, p.target, p.layout, fmt_range(p.step_s_overlap, p.step_s_serial, 1e3),
+                fmt_range(p.tokens_per_s_serial, p.tokens_per_s_overlap),
+                fmt_range(p.mfu_serial, p.mfu_overlap, 100) + "%", fmt_range(p.step_s_fused, p.step_s_fused, 1e3),
+                fmt_range(p.mfu_fused, p.mfu_fused, 100) + "%", f"{p.collective_s * 1e3:.3g}", memory, fits, p.bound,
+            ])
+    return rows
+
+
+def prediction_notes(results: list[StrategyResult]) -> list[str]:
+    """Lines under the prediction table: the model behind it, refusals and what it flags."""
+    lines = []
+    models = dict.fromkeys(p.model for r in results for p in r.predictions)
+    if models:
+        lines.append(f"model {', '.join(models)} (docs/sharding-study.md): step ms, tokens/s and MFU from full to no "
+                     "overlap of compute and collectives, for the program as XLA:CPU fused it; fused: if every "
+                     "elementwise op were fused into the matmuls")
+    for r in results:
+        for p in r.predictions:
+            for note in ([p.refused] if p.refused else []) + p.notes:
+                lines.append(f"{r.mesh} on {p.target}: {note}")
+    return lines
+
+
+def _rich_table(columns: Sequence[str], rows: list[list[str]], title: str = "") -> Table:
     table = Table(title=title or None, show_lines=False)
-    for i, name in enumerate(TABLE_COLUMNS):
+    for i, name in enumerate(columns):
         table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+def print_table(results: list[StrategyResult], title: str = "", file: Any = None) -> None:
+    """The table on the terminal (rich), and the prediction table when there are predictions."""
     console = Console(file=file)
     if not console.is_terminal:
         console = Console(file=file, width=320)  # a log file: no wrapping into a narrow column
-    console.print(table)
+    console.print(_rich_table(TABLE_COLUMNS, table_rows(results), title))
+    if _targets(results):
+        console.print(_rich_table(PREDICTION_COLUMNS, prediction_rows(results), "predicted"))
+
+
+def _markdown(columns: Sequence[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def markdown_table(results: list[StrategyResult]) -> str:
-    """The same table as GitHub Markdown (what the README shows)."""
-    rows = table_rows(results)
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    """The same table(s) as GitHub Markdown (what the README shows), prediction notes under them."""
+    lines = _markdown(TABLE_COLUMNS, table_rows(results))
+    if _targets(results):
+        lines += ["", *_markdown(PREDICTION_COLUMNS, prediction_rows(results)), ""]
+        lines += [f"* {n}" for n in prediction_notes(results)]
     return "\n".join(lines) + "\n"
 
 
 def write_csv(results: list[StrategyResult], path: Any) -> None:
     flat = [r.flat() for r in results]
+    fields = list(dict.fromkeys(k for row in flat for k in row)) or ["mesh"]  # meshes differ in axes
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["mesh"])
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
 
@@ -208,7 +287,10 @@ def write_chart(results: list[StrategyResult], path: Any, title: str = "") -> No
     names = [r.mesh for r in results]
     x = list(range(len(results)))
     mib = 1024.0**2
-    fig, (ax_mem, ax_coll) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(results) + 6), 4.8))
+    targets = _targets(results)
+    panels = 3 if targets else 2
+    fig, axes = plt.subplots(1, panels, figsize=(max(8, 1.6 * len(results) + 6) * panels / 2, 4.8))
+    ax_mem, ax_coll = axes[0], axes[1]
     bottom = [0.0] * len(results)
     parts = [
         ("student params", [r.student_param_bytes for r in results], "tab:blue"),
@@ -232,7 +314,9 @@ def write_chart(results: list[StrategyResult], path: Any, title: str = "") -> No
             bottom = [b + h for b, h in zip(bottom, heights)]
     ax_coll.set_title("collective bytes per step (per device)")
     ax_coll.set_ylabel("MiB")
-    for ax in (ax_mem, ax_coll):
+    if targets:
+        _prediction_panel(axes[2], results, targets)
+    for ax in axes:
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=20, ha="right")
         handles, _ = ax.get_legend_handles_labels()
@@ -243,3 +327,27 @@ def write_chart(results: list[StrategyResult], path: Any, title: str = "") -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _prediction_panel(ax: Any, results: list[StrategyResult], targets: list[str]) -> None:
+    """Predicted step time per mesh and target: bars at full overlap, a line up to no overlap; a
+    hatched bar where the step does not fit the device's memory."""
+    width = 0.8 / len(targets)
+    for j, target in enumerate(targets):
+        xs, low, high, fused, hatches = [], [], [], [], []
+        for i, r in enumerate(results):
+            p = next((p for p in r.predictions if p.target == target and not p.refused), None)
+            if p is None or p.step_s_overlap is None:
+                continue
+            xs.append(i - 0.4 + width * (j + 0.5))
+            low.append(p.step_s_overlap * 1e3)
+            high.append(p.step_s_serial * 1e3)
+            fused.append(p.step_s_fused * 1e3)
+            hatches.append("xx" if p.fits is False else None)
+        bars = ax.bar(xs, low, width=width, label=target)
+        for bar, h in zip(bars, hatches):
+            bar.set_hatch(h)
+        ax.vlines(xs, low, high, colors="black", linewidth=1)
+        ax.scatter(xs, fused, marker="_", s=300, color="black", zorder=3, label="fused" if j == 0 else None)
+    ax.set_title("predicted step (bar: full overlap, line: none, dash: fused; xx: does not fit)", fontsize="small")
+    ax.set_ylabel("ms")

@@ -8,7 +8,13 @@ init, batches and rules) is built by ``jaxdistil.distill.builder``, lowered, com
   * the compiler's memory analysis (argument / output / temp bytes) where the backend gives it;
   * collectives in the optimized HLO (``study.hlo``), ops inside loops weighted by trip counts;
   * FLOPs, compile time, median step time, tokens/s;
-  * the loss after the same number of steps, and whether every strategy agrees within a tolerance.
+  * the loss after the same number of steps, and whether every strategy agrees within a tolerance;
+  * what one step costs each device (``study.cost``: FLOPs, memory bytes, collective bytes by kind
+    and mesh axis) and, for ``targets`` (``study.hardware``: H100, v5p-16, ...), the step time, MFU,
+    memory fit and bound predicted from it (``study.predict``).
+
+``steps=0`` compiles and analyses without placing or running anything (abstract arguments), for
+shapes too large for this machine (the paper's 4K-sequence update).
 
 ``run_study`` is the entry point; ``study.report`` writes the table, CSV, JSON, Markdown and PNG.
 """
@@ -37,9 +43,13 @@ from jaxdistil import students
 from jaxdistil.data import manifest as manifest_lib
 from jaxdistil.distill.builder import DistillStep, StepSpec, run_step_spec
 from jaxdistil.errors import UserError
-from jaxdistil.models import ConfigError, config_from_hf_dict, load_config
+from jaxdistil.models import ConfigError, config_from_hf_dict, init_params, load_config
+from jaxdistil.models.flops import train_flops_per_token
+from jaxdistil.study import hardware
+from jaxdistil.study.cost import step_cost
 from jaxdistil.study.hlo import collective_stats, matmul_flops
-from jaxdistil.study.memory import cost_flops, max_device_bytes, memory_analysis
+from jaxdistil.study.memory import abstract_device_bytes, cost_flops, max_device_bytes, memory_analysis
+from jaxdistil.study.predict import MODEL_DESCRIPTION, hardware_meta, predict_all
 from jaxdistil.study.report import (
     StrategyResult,
     check_agreement,
@@ -203,25 +213,54 @@ def _build(setup: StudySetup, sizes: Mapping[str, int], devices: list,
     return built, _split_notes(caught)
 
 
+def abstract_arguments(built: DistillStep, setup: StudySetup) -> tuple[Any, Any, dict[str, Any], Any]:
+    """(state, teacher params, batch, consts) of the train step as ``jax.ShapeDtypeStruct`` s that
+    carry their shardings: enough to lower and compile the step, nothing allocated."""
+    def placed(tree, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+    teacher = None
+    if built.teacher is not None:
+        shapes = jax.eval_shape(lambda r: init_params(built.teacher, r), jax.random.PRNGKey(0))
+        teacher = placed(shapes, built.teacher_shardings)
+    rows = shd.batch_sharding(built.mesh)
+    batch = {k: jax.ShapeDtypeStruct((setup.batch, setup.seq), np.int32, sharding=rows)
+             for k in ("input_ids", "attention_mask")}
+    weights = jax.ShapeDtypeStruct((setup.student.vocab_size,), np.float32, sharding=shd.replicated(built.mesh))
+    return built.abstract_state, teacher, batch, {"teacher": teacher, "token_weights": weights}
+
+
+def model_flops_per_step(setup: StudySetup) -> float:
+    """Model FLOPs of one update over all devices (``models.flops``: what MFU divides)."""
+    return train_flops_per_token(setup.student, setup.teacher, setup.seq) * setup.batch * setup.seq
+
+
 def measure_strategy(setup: StudySetup, sizes: Mapping[str, int], devices: list, host_batches: list,
                      steps: int, warmup: int = 1, compiler_options: Mapping[str, Any] | None = None,
-                     hlo_dir: Any = None) -> StrategyResult:
+                     hlo_dir: Any = None, targets: list[hardware.Target] = ()) -> StrategyResult:
     """Builds, compiles and runs the step on one mesh; ``warmup + steps`` updates, the last
-    ``steps`` timed. The loss reported is the step's loss at the last update.
+    ``steps`` timed. The loss reported is the step's loss at the last update. ``steps=0``: compiled
+    from abstract arguments and analysed, nothing placed or run (no step time, no loss).
 
     hlo_dir: when given, the optimized HLO (``<mesh>.hlo.txt``) and XLA's compile log
-    (``<mesh>.log``) are written there.
+    (``<mesh>.log``) are written there. targets: accelerators to predict the step on.
     """
     label = shd.mesh_label(sizes)
     built, notes = _build(setup, sizes, devices)
-    key_student, key_teacher = jax.random.split(jax.random.PRNGKey(setup.seed))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        state = built.init_state(key_student)
-        teacher_params = built.random_teacher(key_teacher) if built.teacher is not None else None
-    notes += [n for n in _split_notes(caught) if n not in notes]
-    batches = [built.shard_batch(b) for b in host_batches]
-    consts = built.consts(teacher_params, token_weights(setup.student.vocab_size))
+    if steps == 0:
+        state, teacher_params, batch, consts = abstract_arguments(built, setup)
+        batches = [batch]
+        device_bytes = abstract_device_bytes
+    else:
+        key_student, key_teacher = jax.random.split(jax.random.PRNGKey(setup.seed))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = built.init_state(key_student)
+            teacher_params = built.random_teacher(key_teacher) if built.teacher is not None else None
+        notes += [n for n in _split_notes(caught) if n not in notes]
+        batches = [built.shard_batch(b) for b in host_batches]
+        consts = built.consts(teacher_params, token_weights(setup.student.vocab_size))
+        device_bytes = max_device_bytes
     with captured_stderr() as xla_log:
         t0 = time.perf_counter()
         lowered = built.train_step.lower(state, batches[0], consts)
@@ -244,14 +283,18 @@ def measure_strategy(setup: StudySetup, sizes: Mapping[str, int], devices: list,
         stem = label.replace(",", "_").replace("=", "")
         (Path(hlo_dir) / f"{stem}.hlo.txt").write_text(hlo)
         (Path(hlo_dir) / f"{stem}.log").write_text(log)
+    memory = memory_analysis(compiled)
+    cost = step_cost(hlo, built.mesh.shape, memory)
     result = StrategyResult(
         mesh=label, sizes=dict(built.mesh.shape), devices=built.mesh.size,
-        student_param_bytes=max_device_bytes(state.params), opt_state_bytes=max_device_bytes(state.opt_state),
-        teacher_param_bytes=max_device_bytes(teacher_params),
-        memory=memory_analysis(compiled), collectives=collective_stats(hlo),
+        student_param_bytes=device_bytes(state.params), opt_state_bytes=device_bytes(state.opt_state),
+        teacher_param_bytes=device_bytes(teacher_params),
+        memory=memory, collectives=collective_stats(hlo),
         flops=cost_flops(compiled), lower_s=t1 - t0, compile_s=t2 - t1,
         step_times_s=[], tokens_per_step=setup.batch * setup.seq, losses=[], notes=notes,
-        matmul_flops=matmul_flops(hlo),
+        matmul_flops=matmul_flops(hlo), cost=cost,
+        predictions=predict_all(cost, list(targets), setup.batch * setup.seq, model_flops_per_step(setup),
+                                setup.spec.step.dtype),
     )
     if result.collectives.trip_count_unknown:
         result.notes.append("a loop without a known trip count: its collectives count once")
@@ -259,6 +302,9 @@ def measure_strategy(setup: StudySetup, sizes: Mapping[str, int], devices: list,
         result.notes.append(
             f"{result.collectives.conditionals} conditional(s) with branches moving different collective "
             "bytes: the heaviest branch is counted (an upper bound)")
+    if steps == 0:
+        result.notes.append("compiled and analysed only (--steps 0): nothing ran")
+        return result
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
         t0 = time.perf_counter()
@@ -306,18 +352,21 @@ def machine_info(devices: list | None = None) -> dict[str, Any]:
 
 def run_study(setup: StudySetup, meshes: list[str | Mapping[str, int]], steps: int = 3, warmup: int = 1,
               tolerance: float = 1e-5, devices: list | None = None, log: Any = None,
-              compiler_options: Mapping[str, Any] | None = None, hlo_dir: Any = None) -> StudyReport:
+              compiler_options: Mapping[str, Any] | None = None, hlo_dir: Any = None,
+              targets: list[hardware.Target] | None = None) -> StudyReport:
     """Measures every mesh (``"data=2,fsdp=4"`` or a sizes dict, -1 allowed) on the same work.
 
     All meshes are validated first (device count, batch and parameter splits, abstractly), so a bad
     one fails in seconds, before any compilation. compiler_options: XLA options for the step's
     compile (``{"xla_backend_optimization_level": 0}``), the same for every mesh. log: a callable
-    taking a progress line.
+    taking a progress line. steps=0: compile and analyse only. targets: accelerators to predict each
+    mesh's step on (``hardware.parse_targets``); a ``cpu`` target is calibrated here, first.
     """
-    if steps < 1 or warmup < 0:
-        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if steps < 0 or warmup < 0:
+        raise UserError(f"--steps and --warmup must be >= 0, got {steps} and {warmup}")
     devices = list(jax.devices() if devices is None else devices)
     start = machine_info(devices)
+    targets, cpu_rates = hardware.calibrate_cpu(list(targets or []), devices[0])
     resolved = [
         shd.MeshConfig.parse(m).resolve(len(devices), m) if isinstance(m, str)
         else shd.MeshConfig(**m).resolve(len(devices)) for m in meshes
@@ -329,17 +378,20 @@ def run_study(setup: StudySetup, meshes: list[str | Mapping[str, int]], steps: i
     notes = {label: _build(setup, m, devices)[1] for label, m in zip(labels, resolved)}
     if log:
         log(f"shard-study on {len(devices)} {devices[0].platform} devices: {describe_models(setup)}")
-    host_batches = synthetic_batches(setup, warmup + steps)
+    host_batches = synthetic_batches(setup, warmup + steps) if steps else []
     results = []
     for i, (label, sizes) in enumerate(zip(labels, resolved)):
         if log:
-            log(f"[{i + 1}/{len(resolved)}] {label}: compiling and running {warmup} + {steps} steps")
-        res = measure_strategy(setup, sizes, devices, host_batches, steps, warmup, compiler_options, hlo_dir)
+            log(f"[{i + 1}/{len(resolved)}] {label}: " + (f"compiling and running {warmup} + {steps} steps" if steps
+                                                           else "compiling (--steps 0: nothing runs)"))
+        res = measure_strategy(setup, sizes, devices, host_batches, steps, warmup, compiler_options, hlo_dir,
+                               targets)
         for note in notes[label]:
             if note not in res.notes:
                 res.notes.append(note)
         if log:
-            log(f"    compile {res.compile_s:.1f} s, step {res.step_s * 1e3:.0f} ms, loss {res.loss:.6f}")
+            log(f"    compile {res.compile_s:.1f} s" + (f", step {res.step_s * 1e3:.0f} ms, loss {res.loss:.6f}"
+                                                       if steps else ""))
         results.append(res)
         gc.collect()
     agree = check_agreement(results, tolerance)
@@ -353,7 +405,11 @@ def run_study(setup: StudySetup, meshes: list[str | Mapping[str, int]], steps: i
         seed=setup.seed, dtype=step.dtype, remat=step.remat, grad_accum_steps=step.grad_accum_steps,
         teacher=None if setup.teacher is None else setup.teacher.to_hf_dict(),
         student=setup.student.to_hf_dict(),
+        model_flops_per_step=model_flops_per_step(setup),
     )
+    if targets:
+        meta.update(prediction_model=MODEL_DESCRIPTION, hardware=hardware_meta(targets),
+                    cpu_calibration=None if cpu_rates is None else dataclasses.asdict(cpu_rates))
     return StudyReport(results, agree, tolerance, meta)
 
 

@@ -165,3 +165,23 @@ def test_tiny_cpu_benchmark_run(tmp_path):
             "BertForMaskedLM.encode forward", "optimizer"} <= names
     # At this toy size the AdamW update over the 30522-row embedding weighs as much as the matmuls.
     assert dict((r["name"], r["share"]) for r in prof["by_kind"])["matmul"] > 0.2
+
+
+predict_gpu = _load("predict_gpu")
+
+
+def test_predict_gpu_arguments_without_a_gpu():
+    with pytest.raises(SystemExit, match="not BxT"):
+        predict_gpu.main(["--dry-run", "--shapes", "64by128"])
+    with pytest.raises(SystemExit, match="JAX sees no GPU"):
+        predict_gpu.main(["--shapes", "2x16"])
+
+
+@pytest.mark.slow
+def test_predict_gpu_dry_run_predicts_on_cpu(capsys):
+    # The prepared GPU check (benchmarks/predict_gpu.py): its prediction half runs anywhere.
+    assert predict_gpu.main(["--dry-run", "--target", "H200", "--shapes", "2x16,4x16", "--teacher-layers", "1",
+                             "--student-layers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run (predictions only) on H200 SXM, bfloat16" in out
+    assert "2x16: predicted" in out and "4x16: predicted" in out and "MFU" in out
