@@ -299,8 +299,8 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
     import jax
 
     from jaxdistil.distill.builder import DistillStep, StepSpec
-    from jaxdistil.distill.objective import StepConfig
     from jaxdistil.distill.losses import LossConfig
+    from jaxdistil.distill.objective import StepConfig
     from jaxdistil.training import sharding as shd
     from jaxdistil.training.optim import OptimConfig
 

@@ -3,11 +3,10 @@ modules drawn from their own keys, given params placed, the abstract state equal
 
 from __future__ import annotations
 
-import pytest
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tiny import student_cfg
 
 from jaxdistil.distill.objective import projection_params
