@@ -44,6 +44,7 @@ from jaxdistil.data.loader import LoaderConfig, eval_batches
 from jaxdistil.data.manifest import MANIFEST_NAME
 from jaxdistil.data.prepare import PrepareConfig, prepare
 from jaxdistil.distill.config import load_run_config
+from jaxdistil.distill.evaluation import evaluate_model
 from jaxdistil.errors import UserError
 from jaxdistil.finetune.config import load_finetune_config
 from jaxdistil.finetune.run import finetune
@@ -64,6 +65,12 @@ HOLDOUT = 0.1  # the teacher's pre-training split: its held-out documents are ou
 LAYERS = (0, 2)
 SEEDS = (56, 57)
 STUDENT_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0}  # about a hundred updates: nothing to regularise
+# Fine-tuning dropout, the same for every model (transformers' defaults for BERT; DistilBERT's head too).
+FINETUNE_DROPOUT = 0.1
+# The out-of-domain text: numpy's docstrings (installed with jaxdistil, never in a built-in corpus),
+# the public callables of these modules in sorted order, each docstring up to its Examples section.
+OOD_MODULES = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random")
+OOD_DOCUMENTS = 200
 FINETUNE_EPOCHS = 1.0  # configs/finetune/pydocs-topics.yaml's recipe with one epoch and
 FINETUNE_MAX_LEN = 32  # paragraphs cut to 32 tokens (27 on average): 7 fine-tunings in the budget
 
@@ -129,12 +136,72 @@ def _copied_student(teacher_dir: Path, output: Path) -> None:
                     origin=f"demo: teacher layers {list(LAYERS)} of {teacher_dir}")
 
 
+def _finetune_dropout(source: Path) -> dict[str, float]:
+    """config.json fields giving ``source`` FINETUNE_DROPOUT everywhere (embeddings, attention
+    probabilities, hidden states, the classifier head), in its family's names."""
+    family = load_model(str(source)).config.model_type
+    # BERT's and RoBERTa's heads use the hidden dropout (no classifier_dropout of their own).
+    names = {"bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+             "roberta": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+             "distilbert": ("dropout", "attention_dropout", "seq_classif_dropout"),
+             "gpt2": ("resid_pdrop", "attn_pdrop", "embd_pdrop")}[family]
+    return dict.fromkeys(names, FINETUNE_DROPOUT)
+
+
 def _random_init_overrides(init_dir: Path) -> list[str]:
     """student.init=random with the copied student's shape (and the data's vocabulary)."""
     cfg = load_model(str(init_dir)).config
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DistilBertConfig)
               if f.name not in ("vocab_size", "pad_token_id")}
     return ["student.init=random", "student.model_type=distilbert", f"student.config={json.dumps(fields)}"]
+
+
+def ood_documents(modules=OOD_MODULES, limit: int = OOD_DOCUMENTS) -> list[str]:
+    """The out-of-domain text: docstrings of the public callables of ``modules`` (sorted by name, a
+    name documented twice kept once), each cut at its Examples section and joined into one line."""
+    import importlib
+    import inspect
+    import re
+
+    docs, seen = [], set()
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for name in sorted(n for n in dir(module) if not n.startswith("_")):
+            obj = getattr(module, name, None)
+            if not callable(obj) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            doc = inspect.getdoc(obj) or ""
+            doc = re.split(r"\n\s*Examples\n\s*-{3,}", doc)[0]
+            text = " ".join(doc.split())
+            if len(text) >= 200 and text not in docs:
+                docs.append(text)
+            if len(docs) == limit:
+                return docs
+    return docs
+
+
+def _prepare_ood(teacher_dir: Path, out: Path) -> None:
+    text = out / "ood" / "numpy-docs.txt"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_text("\n".join(ood_documents()) + "\n")
+    prepare(PrepareConfig(str(text), str(teacher_dir), out / "ood" / "data", max_len=MAX_LEN, force=True, workers=1,
+                          options=SourceOptions(holdout=0.0)), progress=False)
+
+
+def _score_ood(models: dict[str, Path], out: Path) -> None:
+    """[MASK]-only accuracy of every model on the out-of-domain text (fixed masks, all of it)."""
+    scores = {}
+    for name, source in models.items():
+        r = evaluate_model(str(source), str(out / "ood" / "data"), split="train", max_len=MAX_LEN, mask_only=True)
+        # mask_only: every chosen position is [MASK]; "accuracy" is the [MASK] accuracy.
+        scores[name] = {"mask_accuracy": r["accuracy"], "mask_baseline": r["baseline_accuracy"],
+                        "masked_tokens": r["masked_tokens"]}
+    import numpy
+
+    (out / "ood.json").write_text(json.dumps({"text": f"numpy {numpy.__version__} docstrings of "
+                                              f"{', '.join(OOD_MODULES)} ({len(ood_documents())} documents)",
+                                              "scores": scores}, indent=1) + "\n")
 
 
 def forward_times(models: list[Any], batch: dict[str, np.ndarray], repeats: int = 10) -> list[float]:
@@ -186,7 +253,8 @@ def demo(options: DemoOptions = DemoOptions()) -> dict[str, Any]:
     for kind in kinds:
         for seed in options.seeds:
             name = run_name(kind, seed)
-            over = common + [f"run_dir={out / 'runs' / name}", f"train.seed={seed}"]
+            # The seed draws the data order (loader.seed), the masks and the dropout (train.seed).
+            over = common + [f"run_dir={out / 'runs' / name}", f"train.seed={seed}", f"loader.seed={seed}"]
             if (kind, seed) != ("distilled", options.seeds[0]):
                 # The teacher and the copied init are scored once, at the first run's step 0 (every
                 # copied-init run starts from the same weights, and the masks are fixed).
@@ -203,9 +271,14 @@ def demo(options: DemoOptions = DemoOptions()) -> dict[str, Any]:
 
     models = {"teacher": teacher_dir, "copied": init_dir}
     models.update({run_name(k, s): out / "runs" / run_name(k, s) for k in kinds for s in options.seeds})
+    stages.run("ood-data", "the out-of-domain text (numpy's docstrings) tokenized with the teacher's tokenizer",
+               lambda: _prepare_ood(teacher_dir, out), out / "ood" / "data" / MANIFEST_NAME)
+    stages.run("ood", "every model's [MASK] accuracy on the out-of-domain text", lambda: _score_ood(models, out),
+               out / "ood.json")
     ft_over = [f"train.max_len={FINETUNE_MAX_LEN}", f"train.epochs={options.finetune_epochs}", "logging.progress=true"]
     for name, source in models.items():
-        cfg = load_finetune_config(FINETUNE_CONFIG, ft_over + [f"run_dir={out / 'finetune' / name}", f"model={source}"])
+        cfg = load_finetune_config(FINETUNE_CONFIG, ft_over + [f"run_dir={out / 'finetune' / name}", f"model={source}",
+                                                               f"model_config={json.dumps(_finetune_dropout(source))}"])
         stages.run(f"finetune-{name}", f"fine-tuning {name} on {cfg.task.name}",
                    lambda cfg=cfg: _finished(finetune(cfg)), out / "finetune" / name / "metrics.jsonl")
 
@@ -250,7 +323,7 @@ def _downstream(run: Path) -> float:
 
 def _summary(per_seed: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {"per_seed": per_seed}
-    for key in ("mask_accuracy", "perplexity", "accuracy", "downstream_accuracy"):
+    for key in ("mask_accuracy", "perplexity", "accuracy", "ood_mask_accuracy", "downstream_accuracy"):
         values = [r[key] for r in per_seed]
         out[key] = statistics.fmean(values)
         out[f"{key}_spread"] = max(values) - min(values)  # the range over seeds
@@ -258,10 +331,12 @@ def _summary(per_seed: list[dict]) -> dict[str, Any]:
 
 
 def _compare(a: dict, b: dict, key: str, lower_is_better: bool = False) -> dict[str, Any]:
-    """a's gain over b on ``key`` against the seed spread (the larger range of the two)."""
+    """a's gain over b on ``key`` against the seed spread (the larger range of the two).
+    ``beyond_spread``: the difference, either way, is larger than the spread; ``better``: a gains."""
     gain = (b[key] - a[key]) if lower_is_better else (a[key] - b[key])
     spread = max(a.get(f"{key}_spread", 0.0), b.get(f"{key}_spread", 0.0))
-    return {"metric": key, "gain": gain, "spread": spread, "beyond_spread": bool(gain > spread)}
+    return {"metric": key, "gain": gain, "spread": spread, "better": bool(gain > 0),
+            "beyond_spread": bool(abs(gain) > spread)}
 
 
 def build_report(out: Path, options: DemoOptions, kinds: list[str], stages: Stages, wall: float) -> dict[str, Any]:
@@ -269,8 +344,12 @@ def build_report(out: Path, options: DemoOptions, kinds: list[str], stages: Stag
     first = read_metrics(out / "runs" / run_name("distilled", seeds[0]))
     teacher_eval = _first_eval(first["eval"], "teacher_mask_accuracy")
     copied_eval = next(r for r in first["eval"] if r["step"] == 0)
-    teacher = {**_mlm_scores(teacher_eval, "teacher"), "downstream_accuracy": _downstream(out / "finetune" / "teacher")}
-    copied = {**_mlm_scores(copied_eval, "student"), "downstream_accuracy": _downstream(out / "finetune" / "copied")}
+    ood = json.loads((out / "ood.json").read_text())
+    teacher = {**_mlm_scores(teacher_eval, "teacher"), "ood_mask_accuracy": ood["scores"]["teacher"]["mask_accuracy"],
+               "ood_mask_baseline": ood["scores"]["teacher"]["mask_baseline"],
+               "downstream_accuracy": _downstream(out / "finetune" / "teacher")}
+    copied = {**_mlm_scores(copied_eval, "student"), "ood_mask_accuracy": ood["scores"]["copied"]["mask_accuracy"],
+              "downstream_accuracy": _downstream(out / "finetune" / "copied")}
     students: dict[str, Any] = {"copied": copied}
     steps = None
     for kind in kinds:
@@ -281,16 +360,18 @@ def build_report(out: Path, options: DemoOptions, kinds: list[str], stages: Stag
             steps = final["step"]
             per_seed.append({"seed": seed, "run": f"runs/{name}", "step": final["step"],
                              **_mlm_scores(final, "student"),
+                             "ood_mask_accuracy": ood["scores"][name]["mask_accuracy"],
                              "downstream_accuracy": _downstream(out / "finetune" / name)})
         students[kind] = _summary(per_seed)
     for row in students.values():
         row["retention"] = {"mask_accuracy": row["mask_accuracy"] / teacher["mask_accuracy"],
+                            "ood_mask_accuracy": row["ood_mask_accuracy"] / teacher["ood_mask_accuracy"],
                             "downstream_accuracy": row["downstream_accuracy"] / teacher["downstream_accuracy"]}
     comparisons = {}
     for other in ("copied", "mlm_only", *(["random_init"] if "random_init" in kinds else [])):
         comparisons[f"distilled_vs_{other}"] = {
             key: _compare(students["distilled"], students[other], key, lower_is_better=key == "perplexity")
-            for key in ("mask_accuracy", "perplexity", "downstream_accuracy")}
+            for key in ("mask_accuracy", "perplexity", "ood_mask_accuracy", "downstream_accuracy")}
     speed = json.loads((out / "speed.json").read_text())
     export = json.loads((out / "export.json").read_text()) if (out / "export.json").is_file() else None
     t_model, s_model = load_model(str(Path(options.teacher).expanduser())), load_model(str(out / "copied"))
@@ -305,6 +386,7 @@ def build_report(out: Path, options: DemoOptions, kinds: list[str], stages: Stag
         "comparisons": comparisons,
         "seeds": seeds,
         "steps": steps,
+        "ood_text": ood["text"],
         "downstream_task": "builtin:pydocs-topics (8-way: which standard-library area a paragraph documents)",
         "downstream_majority_baseline": _majority(),
         "speed": {**speed, "speedup": speed["teacher_forward_ms"] / speed["student_forward_ms"]},
@@ -358,16 +440,18 @@ def headline(report: dict[str, Any]) -> str:
     n = len(report["seeds"])
     lines = [f"Teacher: {t['mask_accuracy']:.1%} top-1 on held-out [MASK] positions, "
              f"{t['mask_accuracy'] / t['mask_baseline']:.1f}x the most-frequent-token baseline "
-             f"({t['mask_baseline']:.1%})."]
+             f"({t['mask_baseline']:.1%}); on the out-of-domain text ({report['ood_text']}) "
+             f"{t['ood_mask_accuracy']:.1%}, {t['ood_mask_accuracy'] / t['ood_mask_baseline']:.1f}x its baseline "
+             f"({t['ood_mask_baseline']:.1%})."]
     metrics = (("mask_accuracy", "[MASK] accuracy"), ("perplexity", "perplexity"),
-               ("downstream_accuracy", "downstream accuracy"))
+               ("ood_mask_accuracy", "out-of-domain [MASK] accuracy"), ("downstream_accuracy", "downstream accuracy"))
     verdicts = []
     for other, label in (("mlm_only", "the MLM-only student"), ("copied", "the copied student")):
         parts = []
         for key, name in metrics:
             x = cmp[f"distilled_vs_{other}"][key]
             sign = "better" if x["gain"] > 0 else "worse"
-            beyond = "beyond" if abs(x["gain"]) > x["spread"] else "within"
+            beyond = "beyond" if x["beyond_spread"] else "within"
             if key == "perplexity":
                 amount, spread = f"{abs(x['gain']):.2f}", f"{x['spread']:.2f}"
             else:
@@ -375,19 +459,26 @@ def headline(report: dict[str, Any]) -> str:
             parts.append(f"{name} {sign} by {amount} ({beyond} the seed spread, {spread})")
         verdicts.append(f"vs {label}: " + "; ".join(parts))
     wins = [name for key, name in metrics
-            if all(cmp[f"distilled_vs_{o}"][key]["beyond_spread"] for o in ("mlm_only", "copied"))]
+            if all(cmp[f"distilled_vs_{o}"][key]["better"] and cmp[f"distilled_vs_{o}"][key]["beyond_spread"]
+                   for o in ("mlm_only", "copied"))]
     rest = [name for _, name in metrics if name not in wins]
     helped = "[MASK] accuracy" in wins
+    both = helped and "out-of-domain [MASK] accuracy" in wins
+
+    def figures(row: dict) -> str:
+        return (f"{row['mask_accuracy']:.1%} / {row['ood_mask_accuracy']:.1%} / {row['perplexity']:.2f} / "
+                f"{row['downstream_accuracy']:.1%}")
+
     lines.append(
         f"Distilled student ({report['student_shape']['layers']} of {t['layers']} layers, {report['steps']} updates, "
-        f"{n} seeds): {d['mask_accuracy']:.1%} [MASK] accuracy, perplexity {d['perplexity']:.2f}, downstream "
-        f"{d['downstream_accuracy']:.1%}; MLM-only {m['mask_accuracy']:.1%} / {m['perplexity']:.2f} / "
-        f"{m['downstream_accuracy']:.1%}; copied {c['mask_accuracy']:.1%} / {c['perplexity']:.2f} / "
-        f"{c['downstream_accuracy']:.1%}.")
+        f"{n} seeds; [MASK] accuracy held-out / out-of-domain, perplexity, downstream accuracy): {figures(d)}; "
+        f"MLM-only {figures(m)}; copied {figures(c)}.")
     lines += [v[0].upper() + v[1:] + "." for v in verdicts]
     if helped:
-        verdict = f"Distillation helps: the distilled student beats both by more than the seed spread on {' and '.join(wins)}"
-        verdict += f", not on {' and '.join(rest)}. " if rest else ". "
+        where = "on both texts" if both else "on the held-out text of its training domain, not out of domain"
+        verdict = (f"Distillation helps {where}: the distilled student beats both by more than the seed spread on "
+                   f"{', '.join(wins)}")
+        verdict += f", not on {', '.join(rest)}. " if rest else ". "
     else:
         verdict = "Distillation does not beat both baselines on [MASK] accuracy by more than the seed spread. "
     lines.append(verdict + f"It keeps {d['retention']['mask_accuracy']:.1%} of the teacher's [MASK] accuracy and "
@@ -397,7 +488,7 @@ def headline(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], out: Path, path: Path) -> None:
     """Loss curves of the student runs and the comparison as bars (matplotlib, Agg backend)."""
-    fig, (curves, mlm, down) = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, (curves, mlm, ood, down) = plt.subplots(1, 4, figsize=(21, 4.6))
     colors = {"distilled": "C0", "mlm_only": "C1", "random_init": "C2"}
     for kind in (k for k in ("distilled", "mlm_only", "random_init") if k in report["students"]):
         for row in report["students"][kind]["per_seed"]:
@@ -412,15 +503,17 @@ def plot(report: dict[str, Any], out: Path, path: Path) -> None:
     names = ["teacher", *report["students"]]
     rows = [report["teacher"], *report["students"].values()]
     for ax, key, title in ((mlm, "mask_accuracy", "held-out [MASK] accuracy"),
+                           (ood, "ood_mask_accuracy", "out-of-domain [MASK] accuracy (numpy docs)"),
                            (down, "downstream_accuracy", "downstream accuracy (pydocs-topics)")):
         values = [r[key] for r in rows]
         errors = [r.get(f"{key}_spread", 0.0) / 2 for r in rows]
         ax.bar(names, values, yerr=errors, capsize=4, color=["gray", "C4", *[colors.get(n, "C5") for n in names[2:]]])
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-        baseline = report["teacher"]["mask_baseline"] if key == "mask_accuracy" else report["downstream_majority_baseline"]
-        ax.axhline(baseline, color="k", ls="--", lw=1, label="most-frequent-token" if key == "mask_accuracy"
-                   else "majority class")
+        baseline = {"mask_accuracy": report["teacher"]["mask_baseline"],
+                    "ood_mask_accuracy": report["teacher"]["ood_mask_baseline"]}.get(key, report["downstream_majority_baseline"])
+        ax.axhline(baseline, color="k", ls="--", lw=1, label="majority class" if key == "downstream_accuracy"
+                   else "most-frequent-token")
         ax.set_title(title + " (bars: mean, whiskers: seed range)", fontsize=9)
         ax.legend(fontsize=7)
         ax.tick_params(axis="x", labelsize=8)
@@ -432,26 +525,63 @@ def plot(report: dict[str, Any], out: Path, path: Path) -> None:
 def format_report(report: dict[str, Any]) -> str:
     """The comparison as a text table, then the headline."""
     t, st = report["teacher"], report["students"]
-    header = f"{'':14}{'[MASK] acc':>12}{'perplexity':>12}{'downstream':>12}{'keeps (MLM)':>13}{'keeps (down)':>14}"
-    lines = [header, f"{'teacher':14}{t['mask_accuracy']:>12.4f}{t['perplexity']:>12.2f}"
+    header = (f"{'':14}{'[MASK] acc':>12}{'OOD [MASK]':>12}{'perplexity':>12}{'downstream':>12}"
+              f"{'keeps (MLM)':>13}{'keeps (down)':>14}")
+    lines = [header, f"{'teacher':14}{t['mask_accuracy']:>12.4f}{t['ood_mask_accuracy']:>12.4f}{t['perplexity']:>12.2f}"
              f"{t['downstream_accuracy']:>12.4f}{'':>13}{'':>14}"]
     for name, row in st.items():
         pm = lambda k, row=row: f"±{row[k + '_spread'] / 2:.3f}" if k + "_spread" in row else ""  # noqa: E731
-        lines.append(f"{name:14}{row['mask_accuracy']:>12.4f}{row['perplexity']:>12.2f}"
+        lines.append(f"{name:14}{row['mask_accuracy']:>12.4f}{row['ood_mask_accuracy']:>12.4f}{row['perplexity']:>12.2f}"
                      f"{row['downstream_accuracy']:>12.4f}{row['retention']['mask_accuracy']:>13.1%}"
                      f"{row['retention']['downstream_accuracy']:>14.1%}"
-                     + (f"   (seed range {pm('mask_accuracy')} / {pm('downstream_accuracy')})" if pm("mask_accuracy") else ""))
+                     + (f"   (seed range {pm('mask_accuracy')} / {pm('ood_mask_accuracy')} / "
+                        f"{pm('downstream_accuracy')})" if pm("mask_accuracy") else ""))
     lines += [
-        f"most-frequent-token [MASK] baseline {t['mask_baseline']:.4f}; downstream majority class "
+        f"most-frequent-token [MASK] baseline {t['mask_baseline']:.4f} (OOD {t['ood_mask_baseline']:.4f}); "
+        f"out-of-domain text: {report['ood_text']}; downstream majority class "
         f"{report['downstream_majority_baseline']:.4f}",
         f"student: {report['student_shape']['params'] / 1e6:.2f}M params vs teacher {t['params'] / 1e6:.2f}M; "
         f"forward pass {report['speed']['speedup']:.2f}x faster",
         f"export: {report['export']}",
         f"wall time {report['wall_time_s']:.0f} s"
-        + (f" (reused: {', '.join(report['reused_stages'])}; the stages took {report['stage_seconds_total']:.0f} s "
-           "when they ran)" if report["reused_stages"] else "")
-        + "; stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["stage_seconds"].items()),
+        + (f" ({len(report['reused_stages'])} of {len(report['stage_seconds'])} stages reused; they took "
+           f"{report['stage_seconds_total']:.0f} s when they ran)" if report["reused_stages"] else "")
+        + " (each stage's time: report.json)",
         "",
         report["headline"],
     ]
     return "\n".join(lines)
+
+
+# ---- the committed sample: what the report is built from, with no machine's directories in it
+
+PUBLISHED = ("report.json", "report.png", "stages.json", "speed.json", "export.json", "ood.json")
+PUBLISHED_RUN_FILES = ("metrics.jsonl", "config.yaml", "model/config.json")
+
+
+def publish(out: str | Path, dest: str | Path) -> list[Path]:
+    """Copies the report of the demo in ``out`` and the files it is built from (each run's and each
+    fine-tuning's metrics.jsonl and config.yaml) into ``dest``. Paths in them are rewritten relative
+    to the demo directory (``runs/distilled-s56``) and the shipped teacher's relative to the source
+    tree (``jaxdistil/assets/teacher-pydocs``), so the copy names no machine's directories."""
+    out, dest = Path(out).expanduser().absolute(), Path(dest).expanduser().absolute()
+    if not (out / "report.json").is_file():
+        raise UserError(f"{out} holds no demo report (report.json); run `jaxdistil demo --output {out}` first")
+    files = [out / name for name in PUBLISHED if (out / name).is_file()]
+    for group in ("runs", "finetune"):
+        for run in sorted((out / group).iterdir()) if (out / group).is_dir() else []:
+            files += [run / name for name in PUBLISHED_RUN_FILES if (run / name).is_file()]
+    prefixes = [(str(out) + "/", ""), (str(out), "."), (str(TEACHER.parents[1]) + "/", "")]
+    written = []
+    for src in files:
+        target = dest / src.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.suffix == ".png":
+            target.write_bytes(src.read_bytes())
+        else:
+            text = src.read_text()
+            for prefix, replacement in prefixes:
+                text = text.replace(prefix, replacement)
+            target.write_text(text)
+        written.append(target)
+    return written

@@ -35,9 +35,12 @@ def check_report(report: dict, root: Path) -> None:
     t_eval = next(r for r in first if "teacher_mask_accuracy" in r)
     start = next(r for r in first if r["step"] == 0)
     down = {p.name: _evals(p)[-1]["accuracy"] for p in (root / "finetune").iterdir()}
+    ood = json.loads((root / "ood.json").read_text())["scores"]
     t = report["teacher"]
     for key in ("mask_accuracy", "mask_baseline", "accuracy", "perplexity"):
         assert t[key] == t_eval[f"teacher_{key}"]
+    assert t["ood_mask_accuracy"] == ood["teacher"]["mask_accuracy"]
+    assert report["students"]["copied"]["ood_mask_accuracy"] == ood["copied"]["mask_accuracy"]
     assert t["downstream_accuracy"] == down["teacher"]
     students = report["students"]
     copied = students["copied"]
@@ -58,15 +61,14 @@ def check_report(report: dict, root: Path) -> None:
             for key in ("mask_accuracy", "accuracy", "perplexity"):
                 assert r[key] == final[f"student_{key}"]
             assert r["downstream_accuracy"] == down[name]
-        for key in ("mask_accuracy", "perplexity", "accuracy", "downstream_accuracy"):
+            assert r["ood_mask_accuracy"] == ood[name]["mask_accuracy"]
+        for key in ("mask_accuracy", "perplexity", "accuracy", "ood_mask_accuracy", "downstream_accuracy"):
             values = [r[key] for r in row["per_seed"]]
             assert row[key] == pytest.approx(statistics.fmean(values), abs=1e-12)
             assert row[f"{key}_spread"] == pytest.approx(max(values) - min(values), abs=1e-12)
-    assert set(down) == expected_runs  # every model fine-tuned, the same recipe
-    configs = [yaml.safe_load((p / "config.yaml").read_text()) for p in (root / "finetune").iterdir()]
-    configs = [json.dumps({k: v for k, v in c.items() if k not in ("model", "run_dir")}, sort_keys=True)
-               for c in configs]
-    assert len(set(configs)) == 1, "the models were not fine-tuned the same way"
+    assert set(down) == expected_runs and set(ood) == expected_runs  # every model scored and fine-tuned
+    check_same_finetuning(root / "finetune")
+    check_fair_students(root / "runs", seeds)
     for row in students.values():
         assert row["retention"]["mask_accuracy"] == pytest.approx(row["mask_accuracy"] / t["mask_accuracy"])
         assert row["retention"]["downstream_accuracy"] == pytest.approx(
@@ -78,15 +80,57 @@ def check_report(report: dict, root: Path) -> None:
             gain = other[key] - d[key] if key == "perplexity" else d[key] - other[key]
             spread = max(d.get(f"{key}_spread", 0.0), other.get(f"{key}_spread", 0.0))
             assert x["gain"] == pytest.approx(gain) and x["spread"] == pytest.approx(spread)
-            assert x["beyond_spread"] == (gain > spread)
+            # beyond_spread: the difference either way exceeds the spread, as the headline's "beyond".
+            assert x["beyond_spread"] == (abs(gain) > spread) and x["better"] == (gain > 0)
     # The headline states the measured figures, and says when distillation does not help.
-    helped = all(report["comparisons"][f"distilled_vs_{o}"]["mask_accuracy"]["beyond_spread"]
+    helped = all(report["comparisons"][f"distilled_vs_{o}"]["mask_accuracy"]["better"]
+                 and report["comparisons"][f"distilled_vs_{o}"]["mask_accuracy"]["beyond_spread"]
                  for o in ("mlm_only", "copied"))
+    ood_helped = helped and all(report["comparisons"][f"distilled_vs_{o}"]["ood_mask_accuracy"]["better"]
+                                and report["comparisons"][f"distilled_vs_{o}"]["ood_mask_accuracy"]["beyond_spread"]
+                                for o in ("mlm_only", "copied"))
+    assert ("on both texts" in report["headline"]) == ood_helped
+    assert f"{t['ood_mask_accuracy']:.1%}" in report["headline"]
     assert f"{t['mask_accuracy']:.1%}" in report["headline"]
     assert f"{d['mask_accuracy']:.1%}" in report["headline"]
     assert ("does not beat" in report["headline"]) == (not helped)
     assert report["speed"]["speedup"] == pytest.approx(
         report["speed"]["teacher_forward_ms"] / report["speed"]["student_forward_ms"])
+
+
+# Dropout fields of the two families the demo fine-tunes (BERT's head uses its hidden dropout).
+DROPOUT_FIELDS = {"bert": ("hidden_dropout_prob", "attention_probs_dropout_prob", "hidden_dropout_prob"),
+                  "distilbert": ("dropout", "attention_dropout", "seq_classif_dropout")}
+
+
+def check_same_finetuning(finetune: Path) -> None:
+    """Every model fine-tuned with one recipe: the run configs are equal but for the model, its run
+    dir and the model_config that sets the dropout, and every model ran with the same dropout rates
+    (hidden, attention probabilities, head), read from the fine-tuned model's own config.json."""
+    configs, rates = set(), set()
+    for run in finetune.iterdir():
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        configs.add(json.dumps({k: v for k, v in cfg.items() if k not in ("model", "run_dir", "model_config")},
+                               sort_keys=True))
+        model = json.loads((run / "model" / "config.json").read_text())
+        rates.add(tuple(model[f] for f in DROPOUT_FIELDS[model["model_type"]]))
+    assert len(configs) == 1, "the models were not fine-tuned the same way"
+    assert len(rates) == 1 and all(r > 0 for r in next(iter(rates))), rates
+
+
+def check_fair_students(runs: Path, seeds: list[int]) -> None:
+    """The distilled and the MLM-only student of a seed differ only in their loss (and teacher): the
+    same init, data, data order, masks, steps and optimizer; and the seeds change the data order."""
+    for seed in seeds:
+        a, b = (yaml.safe_load((runs / f"{kind}-s{seed}" / "config.yaml").read_text())
+                for kind in ("distilled", "mlm-only"))
+        for cfg in (a, b):
+            cfg.pop("run_dir")
+            cfg["train"].pop("eval_every")  # the first run also scores the teacher and the init at step 0
+            cfg["loss"].pop("alpha_ce"), cfg["loss"].pop("alpha_cos")
+            cfg["teacher"].pop("model")
+        assert a == b
+        assert a["loader"]["seed"] == a["train"]["seed"] == seed
 
 
 @pytest.mark.skipif(not (SAMPLE / "report.json").is_file(), reason="no committed sample report")

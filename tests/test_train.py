@@ -167,6 +167,8 @@ def test_reference_run_writes_everything(ref_run):
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((run / "student" / "config.json").read_text())["n_layers"] == 1
     assert load_run_config(run / "config.yaml") == ref_run["cfg"]  # the resolved config round-trips
+    # train.attention "auto" is resolved, and the run records the implementation it used.
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["attention"] in ("xla", "cudnn", "einsum")
     result = ref_run["result"]
     assert result.step == STEPS and result.interrupted is None and result.teacher_eval
     # Distillation from the teacher's own layer: the student starts close to the teacher.
@@ -368,6 +370,7 @@ def _one_line_error(capsys, argv) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 def test_errors_are_one_line(ref_run, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     raw = _with(ref_run["raw"], tmp_path / "new")

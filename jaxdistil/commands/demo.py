@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxdistil.demo import FINETUNE_EPOCHS, SEEDS, TEACHER, DemoOptions, demo, format_report
+from jaxdistil.demo import FINETUNE_EPOCHS, SEEDS, TEACHER, DemoOptions, demo, format_report, publish
 from jaxdistil.errors import UserError
 
 
@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="passes over the downstream task in each fine-tuning (default %(default)s)")
     parser.add_argument("--teacher", default=str(TEACHER), help="the teacher (default: the shipped one)")
     parser.add_argument("--no-export", action="store_true", help="skip the Hugging Face export")
+    parser.add_argument("--publish", metavar="DIR", default=None,
+                        help="also copy the report and the files it is built from to DIR (e.g. docs/demo), "
+                             "with paths relative to the demo directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,5 +38,8 @@ def run(args: argparse.Namespace) -> int:
                               export=not args.no_export))
     print("\n== report (" + str(Path(args.output).absolute() / "report.json") + ", report.png)")
     print(format_report(report))
+    if args.publish:
+        written = publish(args.output, args.publish)
+        print(f"published {len(written)} files to {args.publish}")
     sys.stdout.flush()
     return 0

@@ -109,6 +109,7 @@ def test_sharded_chunked_loss_equals_plain(mesh_text, case):
     assert head_grads >= 4  # transform, norm, bias, tied embedding: the comparison is not vacuous
 
 
+@pytest.mark.slow
 def test_cases_take_the_gathered_and_fallback_paths():
     """The cases above take the paths they are named for: with max_rows=48 every shard fits its
     bound (gathered); with 24, shard 0 of data=8 (and of data=2,fsdp=2) does not (fallback)."""

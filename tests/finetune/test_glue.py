@@ -12,6 +12,7 @@ from jaxdistil import cli
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.slow
 def test_glue_command_compares_teacher_and_student(tmp_path, capsys):
     task = csv_task(tmp_path)
     teacher = hf_model(tmp_path / "teacher", "BertForMaskedLM")

@@ -27,6 +27,7 @@ from jaxdistil.hf import export_model, load_model
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.slow
 def test_finetune_mnli_mock_two_validation_splits(tmp_path):
     model = hf_model(tmp_path / "m", "DistilBertForSequenceClassification", num_labels=3)
     cfg = load_finetune_config(None, [f"model={model}", "task.name=mnli", f"run_dir={tmp_path / 'run'}",
@@ -38,6 +39,7 @@ def test_finetune_mnli_mock_two_validation_splits(tmp_path):
     assert result.head_origin == "the model's own classification head"  # 3 labels fit MNLI
 
 
+@pytest.mark.slow
 def test_local_csv_task_fine_tunes(tmp_path):
     task = load_task(TaskConfig(name=str(csv_task(tmp_path))))
     assert task.label_names == ("neg", "pos") and len(task.train) + len(task.validation["validation"]) == 120
@@ -47,6 +49,7 @@ def test_local_csv_task_fine_tunes(tmp_path):
                      f"run_dir={run}", "train.steps=30", "train.batch_size=16", "train.max_len=16",
                      "optim.learning_rate=1e-3", "logging.peak_tflops=1", "logging.progress=false"]) == 0
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert load_finetune_config(run / "config.yaml").train.attention in ("xla", "cudnn", "einsum")  # resolved
     assert evals[-1]["accuracy"] >= 0.9  # the label is in the words: learnable in a few steps
     loaded = load_model(run)
     assert loaded.head.label_names() == ("neg", "pos") and loaded.classifier is not None

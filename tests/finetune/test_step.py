@@ -36,6 +36,7 @@ def test_objective_equals_torch(regression):
     assert per_example.shape == (6,)
 
 
+@pytest.mark.slow
 def test_logged_grad_norm_is_the_norm_of_the_trainable_gradients(tmp_path):
     """A DistilBERT with sinusoidal positions freezes them in fine-tuning (transformers:
     requires_grad=False): the step leaves the position table as it was, and its grad_norm (what the

@@ -50,6 +50,7 @@ def test_export_round_trip_is_bit_exact(kind, tmp_path):
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_narrow_student_run_exports_without_the_projection(tmp_path):
     """train() with a narrower random student and loss.cos_projection=linear: the checkpoint holds the
     projection, the export and load_model of the run do not."""

@@ -47,6 +47,7 @@ def trained_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_trained_run_exports_and_matches(trained_run, tmp_path, capsys):
     out = tmp_path / "hf"
     capsys.readouterr()
