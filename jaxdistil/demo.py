@@ -9,9 +9,9 @@ the same shape (2 layers, half the teacher's depth) and the same step budget:
   teacher    the shipped teacher (jaxdistil/assets/teacher-pydocs): a 4-layer BERT pre-trained with
              the MLM loss by jaxdistil's own ``train`` (configs/teacher-pydocs.yaml reproduces it)
   copied     the student as copied from teacher layers 0 and 2, before any training
-  distilled  the triple loss (5 L_ce + 2 L_mlm + 1 L_cos) from the copied init, 2 seeds
+  distilled  soft targets and cosine (5 L_ce + 1 L_cos, configs/demo.yaml) from the copied init, 2 seeds
   mlm-only   L_mlm alone from the same copied init, same steps and seeds (no L_ce, no L_cos)
-  random     (``--ablation``) the triple loss from a random init of the same shape, 2 seeds
+  random     (``--ablation``) the distilled students' loss from a random init of the same shape, 2 seeds
   finetune   the teacher and every student fine-tuned the same way on builtin:pydocs-topics
   export     the first distilled student as a Hugging Face DistilBertForMaskedLM, checked in transformers
   report     report.json and report.png, built from the runs' own metrics files only
@@ -76,9 +76,9 @@ FINETUNE_MAX_LEN = 32  # paragraphs cut to 32 tokens (27 on average): 7 fine-tun
 
 # kind -> (what the run is, overrides of configs/demo.yaml besides data, run dir, seed and init)
 KINDS = {
-    "distilled": "triple loss (5 L_ce + 2 L_mlm + 1 L_cos) from the copied init",
+    "distilled": "soft targets and cosine (5 L_ce + 1 L_cos) from the copied init",
     "mlm_only": "L_mlm alone (2 L_mlm, no L_ce, no L_cos) from the copied init",
-    "random_init": "triple loss from a random init of the same shape",
+    "random_init": "the distilled students' loss from a random init of the same shape",
 }
 
 
@@ -262,7 +262,8 @@ def demo(options: DemoOptions = DemoOptions()) -> dict[str, Any]:
             if kind == "distilled":
                 over += [f"teacher.model={teacher_dir}", f"student.init={init_dir}"]
             elif kind == "mlm_only":
-                over += ["teacher.model=null", f"student.init={init_dir}", "loss.alpha_ce=0.0", "loss.alpha_cos=0.0"]
+                over += ["teacher.model=null", f"student.init={init_dir}", "loss.alpha_ce=0.0", "loss.alpha_mlm=2.0",
+                         "loss.alpha_cos=0.0"]
             else:
                 over += [f"teacher.model={teacher_dir}"] + _random_init_overrides(init_dir)
             cfg = load_run_config(CONFIG, over)

@@ -127,7 +127,11 @@ def check_fair_students(runs: Path, seeds: list[int]) -> None:
         for cfg in (a, b):
             cfg.pop("run_dir")
             cfg["train"].pop("eval_every")  # the first run also scores the teacher and the init at step 0
-            cfg["loss"].pop("alpha_ce"), cfg["loss"].pop("alpha_cos")
+        assert a["teacher"]["model"] and b["teacher"]["model"] is None
+        assert b["loss"]["alpha_ce"] == b["loss"]["alpha_cos"] == 0 < b["loss"]["alpha_mlm"]
+        for cfg in (a, b):
+            for key in ("alpha_ce", "alpha_mlm", "alpha_cos"):
+                cfg["loss"].pop(key)
             cfg["teacher"].pop("model")
         assert a == b
         assert a["loader"]["seed"] == a["train"]["seed"] == seed
