@@ -572,7 +572,7 @@ def publish(out: str | Path, dest: str | Path) -> list[Path]:
     for group in ("runs", "finetune"):
         for run in sorted((out / group).iterdir()) if (out / group).is_dir() else []:
             files += [run / name for name in PUBLISHED_RUN_FILES if (run / name).is_file()]
-    prefixes = [(str(out) + "/", ""), (str(out), "."), (str(TEACHER.parents[1]) + "/", "")]
+    prefixes = [(str(out) + "/", ""), (str(out), "."), (str(TEACHER.parents[2]) + "/", "")]
     written = []
     for src in files:
         target = dest / src.relative_to(out)

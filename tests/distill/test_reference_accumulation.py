@@ -34,8 +34,9 @@ ROWS = 2
 TEMPERATURE, ALPHA_CE, ALPHA_MLM, ALPHA_COS = 2.0, 5.0, 2.0, 1.0
 
 
-def reference_loop(student, teacher, micro_batches):
-    """distiller.py's step() + optimize() over K micro-batches: returns (mean losses, grads)."""
+def reference_loop(student, teacher, micro_batches, restrict_ce_to_mask=False):
+    """distiller.py's step() + optimize() over K micro-batches: returns (mean losses, grads).
+    restrict_ce_to_mask: its option of that name, L_ce over the masked positions only."""
     F = torch.nn.functional
     kl = torch.nn.KLDivLoss(reduction="batchmean")
     ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
@@ -47,7 +48,8 @@ def reference_loop(student, teacher, micro_batches):
         with torch.no_grad():
             t_out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
         s_logits, t_logits = s_out.logits, t_out.logits
-        mask = attn.unsqueeze(-1).expand_as(s_logits).bool()
+        rows = (labels > -1) if restrict_ce_to_mask else attn.bool()
+        mask = rows.unsqueeze(-1).expand_as(s_logits)
         s_sel = torch.masked_select(s_logits, mask).view(-1, V)
         t_sel = torch.masked_select(t_logits, mask).view(-1, V)
         loss_ce = kl(F.log_softmax(s_sel / TEMPERATURE, dim=-1), F.softmax(t_sel / TEMPERATURE, dim=-1))
@@ -65,9 +67,12 @@ def reference_loop(student, teacher, micro_batches):
     return logged, grads
 
 
+# all_rows: L_ce over every real row; gathered: restrict_ce_to_mask, the masked rows gathered before
+# the heads (the step's static bound holds them); fallback: the bound forced below the masked rows,
+# so the lax.cond takes the all-rows path and masks afterwards.
 @pytest.mark.slow
-@pytest.mark.parametrize("accum", [1, K])
-def test_group_normalisation_equals_the_reference_loop(tmp_path, accum, tiny_step):
+@pytest.mark.parametrize("accum,path", [(1, "all_rows"), (K, "all_rows"), (K, "gathered"), (K, "fallback")])
+def test_group_normalisation_equals_the_reference_loop(tmp_path, accum, path, tiny_step, monkeypatch):
     from transformers import AutoModelForMaskedLM
 
     s_dir = save_random_hf_model("DistilBertForMaskedLM", tmp_path / "s", vocab_size=V, dim=D, n_layers=2,
@@ -86,7 +91,7 @@ def test_group_normalisation_equals_the_reference_loop(tmp_path, accum, tiny_ste
 
     cfg = stp.StepConfig(
         loss=LossConfig(temperature=TEMPERATURE, alpha_ce=ALPHA_CE, alpha_mlm=ALPHA_MLM, alpha_cos=ALPHA_COS,
-                        normalize="group", chunk_rows=8),
+                        normalize="group", chunk_rows=8, restrict_ce_to_mask=path != "all_rows"),
         optim=OptimConfig(total_steps=10, grad_accum_steps=accum), mask_id=4, group_rows=ROWS)
     weights = np.ones(V, np.float32)
     weights[:5] = 0.0
@@ -103,8 +108,16 @@ def test_group_normalisation_equals_the_reference_loop(tmp_path, accum, tiny_ste
         _, metrics = objective.combine(sums, counts)
         return grads["model"], metrics, inputs
 
+    micro_rows = K * ROWS // accum
+    if path == "fallback":
+        monkeypatch.setattr(stp, "max_rows_bound", lambda *a, **k: 1)
     grads, metrics, inputs = jax.device_get(ours(t.state.params))
     labels = np.asarray(inputs["labels"])
+    masked = [(labels[i:i + micro_rows] != -100).sum() for i in range(0, K * ROWS, micro_rows)]
+    if path == "gathered":
+        assert max(masked) <= stp.max_rows_bound(cfg, micro_rows, T)
+    if path == "fallback":
+        assert min(masked) > 1
     # Each micro-batch was masked on its own: ceil(0.15 * its real tokens) positions.
     for g in range(K):
         rows = slice(g * ROWS, (g + 1) * ROWS)
@@ -118,7 +131,7 @@ def test_group_normalisation_equals_the_reference_loop(tmp_path, accum, tiny_ste
         length = int(attn[rows].sum(1).max())  # each micro-batch padded to its own longest row
         micro.append(tuple(torch.as_tensor(np.array(x[rows, :length]), dtype=torch.long)
                            for x in (inputs["input_ids"], attn, labels)))
-    ref_losses, ref_grads = reference_loop(torch_student, torch_teacher, micro)
+    ref_losses, ref_grads = reference_loop(torch_student, torch_teacher, micro, restrict_ce_to_mask=path != "all_rows")
 
     for key, value in ref_losses.items():
         assert abs(float(metrics[key]) - value) <= 1e-5, (key, float(metrics[key]), value)
