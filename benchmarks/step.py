@@ -47,7 +47,9 @@ from typing import Any, Callable
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GPU_SHAPES = ((64, 128), (256, 128), (64, 512))
 PROFILE_STEPS = 2
-IMPLS = ("jax", "torch-eager", "torch-compile")
+# *-restrict: restrict_ce_to_mask (L_ce over the masked rows only, the reference's option of that
+# name): jaxdistil projects only those rows onto the vocabulary, the reference every row, then masks.
+IMPLS = ("jax", "torch-eager", "torch-compile", "jax-restrict", "torch-eager-restrict")
 RECIPES = ("distilbert", "distilroberta", "distilgpt2")
 
 
@@ -248,7 +250,7 @@ class JaxStep:
     """The jaxdistil step on one device, ready to call: ``run(n)`` does n steps and blocks."""
 
     def __init__(self, args, teacher_cfg, student_cfg, batch: int, seq: int, dtype: str,
-                 recipe: str = "distilbert"):
+                 recipe: str = "distilbert", restrict: bool = False):
         import jax
         import jax.numpy as jnp
 
@@ -258,7 +260,7 @@ class JaxStep:
         t0 = time.perf_counter()
         step, self.state, self.args = build_jax_step(
             teacher_cfg, student_cfg, {"input_ids": ids, "attention_mask": attn}, jnp.asarray(weights),
-            dtype, dropout=not args.no_dropout, mask_id=SPECIAL_IDS[recipe][3])
+            dtype, dropout=not args.no_dropout, mask_id=SPECIAL_IDS[recipe][3], restrict=restrict)
         self.init_s = time.perf_counter() - t0
         # Compiled ahead of time: the compile time is measured on its own, and the executable's
         # memory analysis gives the step's exact device memory (weights + optimizer + temporaries).
@@ -288,7 +290,7 @@ class JaxStep:
 
 
 def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: str, dropout: bool,
-                   mask_id: int | None = MASK_ID):
+                   mask_id: int | None = MASK_ID, restrict: bool = False):
     """jaxdistil's own train step (``jaxdistil.distill.builder.DistillStep``) on one device.
 
     Returns (jitted step, student TrainState, (batch, consts)); call
@@ -309,7 +311,8 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
     causal = student_cfg.causal
     lm = {"alpha_mlm": 0.0, "alpha_clm": ALPHA_CLM} if causal else {"alpha_mlm": ALPHA_MLM}
     cfg = StepConfig(
-        loss=LossConfig(temperature=TEMPERATURE, alpha_ce=ALPHA_CE, alpha_cos=ALPHA_COS, **lm), causal=causal,
+        loss=LossConfig(temperature=TEMPERATURE, alpha_ce=ALPHA_CE, alpha_cos=ALPHA_COS,
+                        restrict_ce_to_mask=restrict, **lm), causal=causal,
         optim=OptimConfig(learning_rate=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY,
                           max_grad_norm=MAX_GRAD_NORM, warmup_prop=WARMUP_STEPS / TOTAL_STEPS,
                           total_steps=TOTAL_STEPS),
@@ -346,10 +349,11 @@ class TorchStep:
     """
 
     def __init__(self, args, teacher_cfg, student_cfg, batch: int, seq: int, dtype: str, gpu: bool,
-                 compile: bool, recipe: str = "distilbert"):
+                 compile: bool, recipe: str = "distilbert", restrict: bool = False):
         import torch
         import transformers
 
+        self.restrict = restrict
         self.torch = torch
         self.dev = torch.device("cuda" if gpu else "cpu")
         self.gpu = gpu
@@ -440,7 +444,10 @@ class TorchStep:
         s_flat, t_flat = s_logits.view(-1, vocab), t_logits.view(-1, vocab)
         kl = F.kl_div(F.log_softmax(s_flat / TEMPERATURE, dim=-1), F.softmax(t_flat / TEMPERATURE, dim=-1),
                       reduction="none").sum(-1)
-        loss_ce = (kl * w).sum() / rows * TEMPERATURE**2  # KLDivLoss(batchmean) over the rows, x T^2
+        # restrict_ce_to_mask: the reference's mask is the labelled rows (lm_labels > -1), after the
+        # logits of every row were computed.
+        w_ce = (labels.reshape(-1) != -100).float() if self.restrict else w
+        loss_ce = (kl * w_ce).sum() / w_ce.sum() * TEMPERATURE**2  # KLDivLoss(batchmean), x T^2
         if self.causal:  # L_clm: next-token cross-entropy on the shifted logits
             loss_mlm = self.ce(s_logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
         else:
@@ -486,10 +493,12 @@ class TorchStep:
 
 
 def _build(impl: str, args, tcfg, scfg, batch: int, seq: int, dtype: str, gpu: bool, recipe: str):
-    if impl == "jax":
-        return JaxStep(args, tcfg, scfg, batch, seq, dtype, recipe)
-    if impl in ("torch-eager", "torch-compile"):
-        return TorchStep(args, tcfg, scfg, batch, seq, dtype, gpu, compile=impl == "torch-compile", recipe=recipe)
+    restrict = impl.endswith("-restrict")
+    if impl in ("jax", "jax-restrict"):
+        return JaxStep(args, tcfg, scfg, batch, seq, dtype, recipe, restrict=restrict)
+    if impl in ("torch-eager", "torch-compile", "torch-eager-restrict"):
+        return TorchStep(args, tcfg, scfg, batch, seq, dtype, gpu, compile=impl == "torch-compile", recipe=recipe,
+                         restrict=restrict)
     raise SystemExit(f"error: unknown implementation {impl!r}; use jax, torch-eager, torch-compile")
 
 
@@ -579,14 +588,15 @@ def bench_shape(args, impls: list[str], tcfg, scfg, batch: int, seq: int, dtype:
     # The peer to beat: torch.compile where it ran, else eager PyTorch.
     base = next((i for i in ("torch-compile", "torch-eager") if i in results), None)
     ratios = {}
-    if "jax" in results:
+    for ours in (i for i in ("jax", "jax-restrict") if i in results):
         for impl in results:
-            if impl != "jax":
-                jax_tps = results["jax"]["tokens_per_s"]
-                ratios[f"jax_vs_{impl}"] = round(jax_tps / results[impl]["tokens_per_s"], 3)
+            if not impl.startswith("jax"):
+                jax_tps = results[ours]["tokens_per_s"]
+                name = ours.replace("-", "_")
+                ratios[f"{name}_vs_{impl}"] = round(jax_tps / results[impl]["tokens_per_s"], 3)
                 if not gpu:
-                    ratios[f"jax_vs_{impl}_cpu_time"] = round(
-                        results[impl]["cpu_s_per_step"] / results["jax"]["cpu_s_per_step"], 3)
+                    ratios[f"{name}_vs_{impl}_cpu_time"] = round(
+                        results[impl]["cpu_s_per_step"] / results[ours]["cpu_s_per_step"], 3)
     return {"recipe": recipe, "batch": batch, "seq": seq, "dtype": dtype, "flops_per_token": flops_tok,
             "steps_per_round": per_round, "rounds": rounds, "impls": results, "ratios": ratios,
             "baseline": base}
@@ -637,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads = torch.get_num_threads()
     except ImportError:
         torch_version, torch_threads = None, None
-        impls = [i for i in impls if i == "jax"]
+        impls = [i for i in impls if i.startswith("jax")]
 
     dev_name = device.device_kind if gpu else cpu_model()
     print(f"device: {dev_name} ({os.cpu_count()} cores) jax {jax.__version__} torch {torch_version}"

@@ -146,6 +146,7 @@ def test_tiny_cpu_benchmark_run(tmp_path):
     out = tmp_path / "step.json"
     code = step.main(["--device", "cpu", "--teacher-layers", "1", "--student-layers", "1", "--batch", "2",
                       "--seq", "32", "--steps", "2", "--rounds", "1", "--warmup", "0", "--no-peak",
+                      "--impls", "jax,torch-eager,jax-restrict,torch-eager-restrict",
                       "--profile", str(tmp_path / "trace"), "--out", str(out)])
     assert code == 0
     doc = json.loads(out.read_text())
@@ -157,6 +158,12 @@ def test_tiny_cpu_benchmark_run(tmp_path):
     # the KL between two random models is large, the MLM loss ~ log(vocab).
     for r in (jax_r, torch_r):
         assert 9.5 < r["first_metrics"]["loss_mlm"] < 11.5
+    # restrict_ce_to_mask on both sides (L_ce over the masked rows), compared with each other.
+    res = {i: shape["impls"][i] for i in ("jax-restrict", "torch-eager-restrict")}
+    assert shape["ratios"]["jax_restrict_vs_torch-eager-restrict"] == pytest.approx(
+        res["jax-restrict"]["tokens_per_s"] / res["torch-eager-restrict"]["tokens_per_s"], rel=1e-2)
+    for r in res.values():
+        assert 9.5 < r["first_metrics"]["loss_mlm"] < 11.5 and r["first_metrics"]["loss_ce"] > 0
     prof = jax_r["profile"]
     assert 0 < prof["op_ms_per_step"] / 1e3 <= 2 * jax_r["step_s"] * 1.5
     assert abs(sum(r["share"] for r in prof["by_kind"]) - 1) < 1e-3
@@ -185,3 +192,16 @@ def test_predict_gpu_dry_run_predicts_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "dry run (predictions only) on H200 SXM, bfloat16" in out
     assert "2x16: predicted" in out and "4x16: predicted" in out and "MFU" in out
+
+
+cpu_flags = _load("cpu_flags")
+
+
+def test_cpu_flags_dry_run_checks_every_variant_with_xla(capsys):
+    """The prepared Intel investigation: its plan runs nothing, and XLA:CPU of this jaxlib accepts
+    the flags of the variants it would try; an unknown variant is refused."""
+    assert cpu_flags.main(["--dry-run", "--variants", "default,onednn,vector-512"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("accepted") == 3 and "host CPU vendor" in out
+    assert cpu_flags.flags_accepted("--xla_cpu_no_such_flag=true")[0] is False  # the check can fail
+    assert cpu_flags.main(["--dry-run", "--variants", "turbo"]) == 2
