@@ -25,10 +25,13 @@ finished (``DIR/stages.json``), and an interrupted stage resumes from its last c
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.resources
+import inspect
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -159,10 +162,6 @@ def _random_init_overrides(init_dir: Path) -> list[str]:
 def ood_documents(modules=OOD_MODULES, limit: int = OOD_DOCUMENTS) -> list[str]:
     """The out-of-domain text: docstrings of the public callables of ``modules`` (sorted by name, a
     name documented twice kept once), each cut at its Examples section and joined into one line."""
-    import importlib
-    import inspect
-    import re
-
     docs, seen = [], set()
     for module_name in modules:
         module = importlib.import_module(module_name)
@@ -197,10 +196,9 @@ def _score_ood(models: dict[str, Path], out: Path) -> None:
         # mask_only: every chosen position is [MASK]; "accuracy" is the [MASK] accuracy.
         scores[name] = {"mask_accuracy": r["accuracy"], "mask_baseline": r["baseline_accuracy"],
                         "masked_tokens": r["masked_tokens"]}
-    import numpy
-
-    (out / "ood.json").write_text(json.dumps({"text": f"numpy {numpy.__version__} docstrings of "
-                                              f"{', '.join(OOD_MODULES)} ({len(ood_documents())} documents)",
+    documents = len((out / "ood" / "numpy-docs.txt").read_text().splitlines())  # what _prepare_ood wrote
+    (out / "ood.json").write_text(json.dumps({"text": f"numpy {np.__version__} docstrings of "
+                                              f"{', '.join(OOD_MODULES)} ({documents} documents)",
                                               "scores": scores}, indent=1) + "\n")
 
 

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from cli_errors import one_line_error
 
 from jaxdistil import cli
 from jaxdistil.distill.config import config_from_dict, dump_run_config, load_run_config
@@ -296,7 +297,7 @@ def test_failed_save_is_one_line_and_earlier_checkpoints_restore(ref_run, tmp_pa
         return real_save(self, directory, args)
 
     monkeypatch.setattr(ckpt_lib.DataStateHandler, "save", save)
-    line = _one_line_error(capsys, ["train", "--config", str(config)])
+    line = one_line_error(capsys, ["train", "--config", str(config)])
     assert "checkpoint of step 6" in line and "No space left on device" in line
     assert "checkpoints up to step 4 are intact" in line and "run the same command to resume" in line
     assert not (run / "lock.json").exists()
@@ -366,12 +367,6 @@ def test_corrupt_latest_checkpoint_falls_back(ref_run, tmp_path, capsys):
     assert (run / "checkpoints-corrupt").is_dir() and (run / "checkpoints" / str(STEPS)).is_dir()
 
 
-def _one_line_error(capsys, argv) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
 
 @pytest.mark.slow
 def test_errors_are_one_line(ref_run, tmp_path, capsys):
@@ -379,10 +374,10 @@ def test_errors_are_one_line(ref_run, tmp_path, capsys):
     raw = _with(ref_run["raw"], tmp_path / "new")
     raw["train"]["stepz"] = 3
     config.write_text(yaml.safe_dump(raw))
-    assert "train.stepz" in _one_line_error(capsys, ["train", "--config", str(config)])
+    assert "train.stepz" in one_line_error(capsys, ["train", "--config", str(config)])
 
     config.write_text(yaml.safe_dump(_with(ref_run["raw"], tmp_path / "new")))
-    line = _one_line_error(
+    line = one_line_error(
         capsys, ["train", "--config", str(config), f"teacher.model={tmp_path}/no-such-teacher"]
     )
     assert "no-such-teacher" in line and "does not exist" in line
@@ -390,11 +385,11 @@ def test_errors_are_one_line(ref_run, tmp_path, capsys):
     # The reference run's dir with a 2-layer student: refused before anything is touched.
     config.write_text(yaml.safe_dump(_with(ref_run["raw"], ref_run["dir"])))
     mtime = (ref_run["dir"] / "config.yaml").stat().st_mtime
-    line = _one_line_error(capsys, ["train", "--config", str(config), "student.layers=0,1"])
+    line = one_line_error(capsys, ["train", "--config", str(config), "student.layers=0,1"])
     assert "made by another config" in line and "2 layers" in line
     assert (ref_run["dir"] / "config.yaml").stat().st_mtime == mtime
 
-    line = _one_line_error(
+    line = one_line_error(
         capsys, ["train", "--config", str(config), "student.init=teacher", "teacher.model=null"]
     )
     assert "needs a teacher" in line
@@ -410,7 +405,7 @@ def test_errors_are_one_line(ref_run, tmp_path, capsys):
     params["mlm_head"]["bias"] = np.zeros((cfg.vocab_size,), np.float32)
     save_flax_model(cfg, params, other)
     config.write_text(yaml.safe_dump(_with(ref_run["raw"], tmp_path / "new")))
-    line = _one_line_error(capsys, ["train", "--config", str(config), f"teacher.model={other}"])
+    line = one_line_error(capsys, ["train", "--config", str(config), f"teacher.model={other}"])
     assert "vocabulary" in line and "prepare the data" in line
 
 
@@ -519,5 +514,5 @@ def test_frozen_token_types(ref_run, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(_with(ref_run["raw"], tmp_path / "bad",
                                            student={"freeze_token_type_embds": True})))
-    line = _one_line_error(capsys, ["train", "--config", str(config)])
+    line = one_line_error(capsys, ["train", "--config", str(config)])
     assert "freeze_token_type_embds" in line and "no token-type embeddings" in line

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 from classifiers import hf_model
+from cli_errors import one_line_error
 
-from jaxdistil import cli
 from jaxdistil.finetune.predict import predict
 from jaxdistil.hf import export_model, load_model
 
@@ -42,18 +42,12 @@ def test_predict_equals_the_text_classification_pipeline(tmp_path, family):
         assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-6)
 
 
-def _one_line(capsys, argv) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     directory = hf_model(tmp_path / "m", "BertForSequenceClassification", num_labels=2)
-    line = _one_line(capsys, ["predict", "--model", str(directory), "one", "two", "three"])
+    line = one_line_error(capsys, ["predict", "--model", str(directory), "one", "two", "three"])
     assert "3 texts given" in line and "one pair" in line
-    line = _one_line(capsys, ["predict", "--model", str(tmp_path / "nope"), "a text"])
+    line = one_line_error(capsys, ["predict", "--model", str(tmp_path / "nope"), "a text"])
     assert "does not exist" in line and "Hugging Face Hub" not in line
-    line = _one_line(capsys, ["predict", "--model", str(hf_model(tmp_path / "lm", "BertForMaskedLM")), "a text"])
+    line = one_line_error(capsys, ["predict", "--model", str(hf_model(tmp_path / "lm", "BertForMaskedLM")), "a text"])
     assert "not a fine-tuned classifier" in line

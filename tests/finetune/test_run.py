@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import tensorflow_datasets as tfds
 from classifiers import REPO, csv_task, hf_model, write_csv
+from cli_errors import one_line_error
 
 from jaxdistil import cli
 from jaxdistil.errors import UserError
@@ -134,28 +135,22 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     assert _losses(run) == _losses(ref)  # bit for bit, every step
 
 
-def _one_line(capsys, argv) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     model = hf_model(tmp_path / "m", "BertForMaskedLM")
     run = tmp_path / "run"
     base = ["finetune", "--model", str(model), f"run_dir={run}", "train.steps=1"]
-    assert "unknown task 'nope'" in _one_line(capsys, [*base, "--task", "nope"])
+    assert "unknown task 'nope'" in one_line_error(capsys, [*base, "--task", "nope"])
     bad_columns = write_csv(tmp_path / "cols.csv", [("x y", "pos")], header=("text", "label"))
-    line = _one_line(capsys, [*base, "--task", str(bad_columns)])
+    line = one_line_error(capsys, [*base, "--task", str(bad_columns)])
     assert "no column 'sentence'" in line and "task.text_fields" in line
     labels = write_csv(tmp_path / "labels.csv", [("a b c", "pos"), ("d e f", "maybe")])
-    line = _one_line(capsys, [*base, "--task", str(labels), "task.labels=[neg,pos]"])
+    line = one_line_error(capsys, [*base, "--task", str(labels), "task.labels=[neg,pos]"])
     assert "'maybe' is not one of the task's labels" in line
     weightless = tmp_path / "no-weights"
     weightless.mkdir()
     shutil.copy(model / "config.json", weightless)
-    line = _one_line(capsys, ["finetune", "--model", str(weightless), "--task", str(csv_task(tmp_path)),
+    line = one_line_error(capsys, ["finetune", "--model", str(weightless), "--task", str(csv_task(tmp_path)),
                               f"run_dir={run}"])
     assert "no weights found" in line
     assert not run.exists()  # nothing written
