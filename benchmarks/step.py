@@ -32,6 +32,7 @@ Importable without grain / tensorflow-datasets (the lent GPU machines lack them)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -224,6 +225,23 @@ def recipe_configs(recipe: str, teacher_layers: int, student_layers: int):
     raise SystemExit(f"error: unknown recipe {recipe!r}; use one of {', '.join(RECIPES)} or all")
 
 
+@dataclasses.dataclass
+class BatchData:
+    """What a step is built on: a host batch (input_ids, attention_mask and, for packed rows,
+    segment_ids / position_ids), the [V] masking weights and the special ids."""
+
+    batch: dict
+    token_weights: Any
+    pad_id: int
+    mask_id: int | None
+
+    @classmethod
+    def random(cls, batch: int, seq: int, vocab: int, recipe: str = "distilbert") -> "BatchData":
+        ids, attn, weights = make_batch(batch, seq, vocab, recipe=recipe)
+        pad, _, _, mask = SPECIAL_IDS[recipe]
+        return cls({"input_ids": ids, "attention_mask": attn}, weights, pad, mask)
+
+
 def make_batch(batch: int, seq: int, vocab: int, seed: int = 0, recipe: str = "distilbert"):
     """Random token rows ``[CLS] ... [SEP]`` (or the recipe's <s> ... </s>, <|endoftext|> ...
     <|endoftext|>; ids avoid the special tokens), all real (no padding: the reference groups rows by
@@ -250,17 +268,17 @@ class JaxStep:
     """The jaxdistil step on one device, ready to call: ``run(n)`` does n steps and blocks."""
 
     def __init__(self, args, teacher_cfg, student_cfg, batch: int, seq: int, dtype: str,
-                 recipe: str = "distilbert", restrict: bool = False):
+                 recipe: str = "distilbert", restrict: bool = False, data: "BatchData | None" = None):
         import jax
         import jax.numpy as jnp
 
         self.jax = jax
-        ids, attn, weights = make_batch(batch, seq, student_cfg.vocab_size, recipe=recipe)
-        self.tokens = batch * seq
+        data = data or BatchData.random(batch, seq, student_cfg.vocab_size, recipe)
+        self.tokens = int(data.batch["attention_mask"].sum())
         t0 = time.perf_counter()
         step, self.state, self.args = build_jax_step(
-            teacher_cfg, student_cfg, {"input_ids": ids, "attention_mask": attn}, jnp.asarray(weights),
-            dtype, dropout=not args.no_dropout, mask_id=SPECIAL_IDS[recipe][3], restrict=restrict)
+            teacher_cfg, student_cfg, data.batch, jnp.asarray(data.token_weights),
+            dtype, dropout=not args.no_dropout, mask_id=data.mask_id, restrict=restrict)
         self.init_s = time.perf_counter() - t0
         # Compiled ahead of time: the compile time is measured on its own, and the executable's
         # memory analysis gives the step's exact device memory (weights + optimizer + temporaries).
@@ -271,6 +289,12 @@ class JaxStep:
         self.step_bytes = None if mem is None else int(
             mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
+
+    def set_batch(self, batch: dict) -> None:
+        """The next steps' batch (the compiled shapes and keys); ``tokens`` counts its real tokens."""
+        placement = self.jax.tree.map(lambda x: x.sharding, self.args[0])
+        self.args = (self.jax.device_put(batch, placement), self.args[1])
+        self.tokens = int(batch["attention_mask"].sum())
 
     def run(self, n: int) -> dict:
         metrics = None
@@ -349,7 +373,8 @@ class TorchStep:
     """
 
     def __init__(self, args, teacher_cfg, student_cfg, batch: int, seq: int, dtype: str, gpu: bool,
-                 compile: bool, recipe: str = "distilbert", restrict: bool = False):
+                 compile: bool, recipe: str = "distilbert", restrict: bool = False,
+                 data: BatchData | None = None):
         import torch
         import transformers
 
@@ -358,7 +383,6 @@ class TorchStep:
         self.dev = torch.device("cuda" if gpu else "cpu")
         self.gpu = gpu
         self.dtype = dtype
-        self.tokens = batch * seq
         self.causal = student_cfg.causal
         t0 = time.perf_counter()
         # The same configs as the jaxdistil side (transformers reads our config.json fields).
@@ -392,11 +416,10 @@ class TorchStep:
             return max(0.0, (TOTAL_STEPS - step) / (TOTAL_STEPS - WARMUP_STEPS))
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
-        ids, attn, weights = make_batch(batch, seq, student_cfg.vocab_size, recipe=recipe)
-        self.pad_id, _, _, self.mask_id = SPECIAL_IDS[recipe]
-        self.ids = torch.as_tensor(ids, dtype=torch.long, device=self.dev)
-        self.attn = torch.as_tensor(attn, dtype=torch.long, device=self.dev)
-        self.token_probs = torch.as_tensor(weights, device=self.dev)
+        data = data or BatchData.random(batch, seq, student_cfg.vocab_size, recipe)
+        self.pad_id, self.mask_id = data.pad_id, data.mask_id
+        self.set_batch(data.batch["input_ids"], data.batch["attention_mask"])
+        self.token_probs = torch.as_tensor(data.token_weights, device=self.dev)
         self.pred_probs = torch.tensor([0.8, 0.1, 0.1], device=self.dev)
         self.vocab = student_cfg.vocab_size
         self.ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
@@ -404,6 +427,13 @@ class TorchStep:
         if compile:
             self.forward_loss = torch.compile(self._forward_loss)
         self.init_s = time.perf_counter() - t0
+
+    def set_batch(self, ids, attn) -> None:
+        """The next steps' batch ([B, T] ids and attention mask; any B and T: eager PyTorch takes every
+        shape as it comes); ``tokens`` counts its real tokens."""
+        self.ids = self.torch.as_tensor(ids, dtype=self.torch.long, device=self.dev)
+        self.attn = self.torch.as_tensor(attn, dtype=self.torch.long, device=self.dev)
+        self.tokens = int(self.attn.sum())
 
     def mask(self):
         """prepare_batch_mlm: ceil(0.15 * real tokens) positions; 80% [MASK], 10% kept, 10% random.

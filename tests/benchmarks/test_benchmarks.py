@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -19,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
     sys.path.insert(0, str(BENCH))
     try:
         spec.loader.exec_module(module)
@@ -205,3 +207,61 @@ def test_cpu_flags_dry_run_checks_every_variant_with_xla(capsys):
     assert out.count("accepted") == 3 and "host CPU vendor" in out
     assert cpu_flags.flags_accepted("--xla_cpu_no_such_flag=true")[0] is False  # the check can fail
     assert cpu_flags.main(["--dry-run", "--variants", "turbo"]) == 2
+
+
+packing = _load("packing")
+
+
+def test_group_by_size_is_the_reference_sampler():
+    """benchmarks/packing.py's copy of the reference's GroupedBatchSampler (drop_last False): every
+    index once, ceil(n / b) batches, each full batch from one 4-token bin in the order the bins
+    filled up, the leftovers merged in bin order at the end."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(12, 128, size=203)
+    groups = packing.length_groups(lengths, 128)
+    assert list(groups[:3]) == [int(x) // 4 + 1 for x in lengths[:3]]  # bins 0, 4, 8, ... < 128
+    order = rng.permutation(len(lengths))
+    batches = list(packing.group_by_size(order, groups, 5))
+    assert len(batches) == -(-len(lengths) // 5)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    # Walk the sampler by hand: the first batch completes when some bin first holds 5 indices.
+    seen: dict[int, list[int]] = {}
+    for i in order:
+        seen.setdefault(int(groups[i]), []).append(int(i))
+        if len(seen[int(groups[i])]) == 5:
+            assert batches[0] == seen[int(groups[i])]
+            break
+    full = [b for b in batches if len({int(groups[i]) for i in b}) == 1 and len(b) == 5]
+    assert len(full) >= len(batches) // 2
+    tail = [b for b in batches if b not in full]
+    merged = [i for b in tail for i in b]
+    assert [int(groups[i]) for i in merged] == sorted(int(groups[i]) for i in merged)
+    assert all(len(b) == 5 for b in tail[:-1]) and 1 <= len(tail[-1]) <= 5
+
+
+def test_unpack_and_pad_restore_the_sequences():
+    batch = {"input_ids": np.array([[5, 6, 7, 8, 9, 0], [1, 2, 3, 4, 0, 0]]),
+             "segment_ids": np.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0]])}
+    seqs = packing.unpack(batch)
+    assert [s.tolist() for s in seqs] == [[5, 6], [7, 8, 9], [1, 2, 3, 4]]
+    ids, attn = packing.padded_batch(seqs, pad_id=0)
+    assert ids.tolist() == [[5, 6, 0, 0], [7, 8, 9, 0], [1, 2, 3, 4]]
+    assert attn.sum() == 9 and attn.shape == (3, 4)
+
+
+@pytest.mark.slow
+def test_tiny_packing_benchmark_run(tmp_path):
+    """Packed rows vs the reference's grouped padded batches end to end at a tiny size: both sides
+    see the same sequences (same real tokens), and the ratio is the two rates'."""
+    rng = np.random.default_rng(1)
+    words = ["return", "value", "list", "the", "object", "module", "of", "string", "raise", "error"]
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words, int(rng.lognormal(3, 0.7)))) for _ in range(800)))
+    out = tmp_path / "packing.json"
+    assert packing.main(["--tiny", "--source", str(text), "--max-lens", "32", "--steps", "2", "--rounds", "1",
+                         "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
+    (res,) = json.loads(out.read_text())["lengths"]
+    jax_r, ref_r = res["sides"]["jax-packed"], res["sides"]["torch-eager-grouped"]
+    assert res["sequences"] > 2 * 8 and jax_r["useful_tokens"] == ref_r["useful_tokens"] == res["real_tokens"]
+    assert res["ratio"] == pytest.approx(jax_r["useful_tokens_per_s"] / ref_r["useful_tokens_per_s"], rel=1e-2)
+    assert res["reference"]["batches"] == -(-res["sequences"] // res["reference"]["batch_size"])
