@@ -165,11 +165,12 @@ def test_shipped_teacher_uses_context_in_transformers():
     special = set(tok.all_special_ids)
     counts = Counter(i for ids in tok(train_docs, add_special_tokens=False)["input_ids"] for i in ids)
     most_frequent = next(i for i, _ in counts.most_common() if i not in special)
-    # Every held-out document, cut into windows of 126 tokens + [CLS] / [SEP] as the reference's
-    # lm_seqs_dataset does, windows of <= 11 tokens dropped; 15% of the real tokens -> [MASK].
+    # The held-out documents cut into windows of 126 tokens + [CLS] / [SEP] as the reference's
+    # lm_seqs_dataset does, windows of <= 11 tokens dropped, every other window kept (~3,600 masked
+    # positions of ~7,200: enough for the 3x margin, half the time); 15% of the real tokens -> [MASK].
     rows = [[tok.cls_token_id, *ids[s:s + 126], tok.sep_token_id]
             for ids in tok(held, add_special_tokens=False)["input_ids"] for s in range(0, len(ids), 126)
-            if len(ids[s:s + 126]) > 11]
+            if len(ids[s:s + 126]) > 11][::2]
     ids = torch.tensor([r + [tok.pad_token_id] * (128 - len(r)) for r in rows])
     attn = (torch.arange(128)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
     rng = np.random.default_rng(0)
