@@ -160,6 +160,12 @@ def _same_shape(term: str, what: str, s_shape, t_shape) -> None:
                         "differ; give both models the same batch")
 
 
+def _labels_fit(term: str, what: str, x, rows_shape) -> None:
+    if tuple(x.shape) != tuple(rows_shape):
+        raise UserError(f"term {term}: {what} has shape {tuple(x.shape)} but the logits have rows "
+                        f"{tuple(rows_shape)}; pass {what} of shape {tuple(rows_shape)}")
+
+
 def _result(total: jax.Array, count: jax.Array) -> Sums:
     return {"sum": total, "count": jnp.asarray(count)}
 
@@ -186,7 +192,7 @@ def reverse_kl(s_logits: jax.Array, t_logits: jax.Array, rows: jax.Array, *, tem
     """T^2 KL(softmax(s/T) || softmax(t/T)) per row (the student's distribution first); count: sum of rows."""
     _check_options("reverse_kl", temperature=temperature)
     w, t_logits = _logit_pair("reverse_kl", s_logits, t_logits, rows)
-    per_row = kl_per_row(t_logits, s_logits, temperature)  # kl_per_row(q, p) = KL(p || q)
+    per_row = kl_per_row(t_logits, s_logits, temperature)  # kl_per_row(a, b) = KL(softmax(b/T) || softmax(a/T))
     return _result(jnp.sum(per_row * w) * temperature**2, jnp.sum(w))
 
 
@@ -217,7 +223,7 @@ def mlm_ce(s_logits: jax.Array, labels: jax.Array, rows: jax.Array) -> Sums:
     ignored); count: sum of rows over the labelled rows."""
     w = _row_weights("mlm_ce", rows, s_logits.shape[:-1], s_logits)
     labels = jnp.asarray(labels)
-    _same_shape("mlm_ce", "rows", s_logits.shape[:-1], labels.shape)
+    _labels_fit("mlm_ce", "labels", labels, s_logits.shape[:-1])
     loss, _ = xent_per_row(s_logits, labels)
     w = jnp.where(labels != IGNORE_INDEX, w, 0.0)
     return _result(jnp.sum(loss * w), jnp.sum(w))
@@ -231,11 +237,11 @@ def clm_ce(s_logits: jax.Array, labels: jax.Array, rows: jax.Array, segment_ids:
         raise UserError(f"term clm_ce: logits must be [B, T, V] (the shift runs along T), got {s_logits.shape}")
     w = _row_weights("clm_ce", rows, s_logits.shape[:-1], s_logits)
     labels = jnp.asarray(labels)
-    _same_shape("clm_ce", "rows", s_logits.shape[:-1], labels.shape)
+    _labels_fit("clm_ce", "labels", labels, s_logits.shape[:-1])
     target = labels[:, 1:]
     if segment_ids is not None:
         seg = jnp.asarray(segment_ids)
-        _same_shape("clm_ce", "rows", labels.shape, seg.shape)
+        _labels_fit("clm_ce", "segment_ids", seg, s_logits.shape[:-1])
         same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
         target = jnp.where(same, target, IGNORE_INDEX)
     loss, _ = xent_per_row(s_logits[:, :-1], target)

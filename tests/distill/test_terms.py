@@ -247,6 +247,8 @@ def _attention_case(name, layout, rng):
             lo = np.finfo(np.float32).min
             s_in, t_in = (np.where(keys[:, None], x, lo) for x in (s_scores, t_scores))
             key = "attention_scores"
+        if layout == "packed":  # junk on the hidden keys: the mask alone must keep them out
+            s_in, t_in = (np.where(keys[:, None], x, 0.25 + 0.5 * rng.uniform(size=x.shape)) for x in (s_in, t_in))
 
         def jax_loss(x):
             return term_sums(name, {key: x}, {key: jnp.asarray(t_in)}, jnp.asarray(real, jnp.float32),
@@ -257,8 +259,8 @@ def _attention_case(name, layout, rng):
             for i, j in layers:
                 p_s, p_t = x[i], torch.from_numpy(t_in[j])  # [B, N, T, S]
                 if name == "attention_kl":
-                    log_s = torch.log(p_s.masked_fill(~vis, 1.0))  # hidden keys: p_t = 0 there
-                    kl = F.kl_div(log_s, p_t, reduction="none").sum(-1).permute(0, 2, 1)[sel]  # [n, N]
+                    log_s = torch.log(p_s.masked_fill(~vis, 1.0))
+                    kl = F.kl_div(log_s, p_t.masked_fill(~vis, 0.0), reduction="none").sum(-1).permute(0, 2, 1)[sel]  # [n, N]
                     total = total + kl.sum() / kl.numel()
                 else:
                     entries = (vis & sel[:, None, :, None]).expand_as(p_s)
