@@ -11,8 +11,8 @@
   auto    (the default) cudnn on a GPU with a 16-bit compute dtype, xla everywhere else
 
 Whatever is chosen, a layer that drops attention probabilities (training with
-``attention_probs_dropout_prob > 0``) or returns them runs the einsum form: neither fused kernel
-exposes the probabilities. A Pallas / splash-attention kernel for TPUs is not offered: it could not
+``attention_probs_dropout_prob > 0``) or returns them, or the scores before the softmax, runs the
+einsum form: neither fused kernel exposes them (returning only the queries, keys or values does not). A Pallas / splash-attention kernel for TPUs is not offered: it could not
 be tested here (no TPU); XLA's attention is what runs there.
 
 Masks: ``mask`` is boolean, broadcastable to [B, 1, T, S] (True: key visible), from
@@ -58,6 +58,16 @@ def scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, s.astype(jnp.float32), jnp.finfo(jnp.float32).min)
 
 
+def explicit(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+             drop=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The einsum form: (context [B, T, N, H], scores [B, N, T, S] float32 (``scores``),
+    probabilities [B, N, T, S] in q's dtype, before ``drop``)."""
+    s = scores(q, k, mask)
+    probs = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    kept = probs if drop is None else drop(probs)
+    return jnp.einsum("bnts,bsnh->btnh", kept, v), s, probs
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str,
            causal: bool = False, drop=None, return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """Attention of q, k, v [B, T, N, H] under ``mask``: (context [B, T, N, H], probabilities
@@ -68,9 +78,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementa
     (attention dropout) or None. With ``drop`` or ``return_probs`` the einsum form runs.
     """
     if drop is not None or return_probs or implementation == "einsum":
-        probs = jax.nn.softmax(scores(q, k, mask), axis=-1).astype(q.dtype)
-        kept = probs if drop is None else drop(probs)
-        return jnp.einsum("bnts,bsnh->btnh", kept, v), (probs if return_probs else None)
+        ctx, _, probs = explicit(q, k, v, mask, drop)
+        return ctx, (probs if return_probs else None)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,

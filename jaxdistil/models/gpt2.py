@@ -31,10 +31,11 @@ class GPT2LMHeadModel(TransformerEncoder):
         return self.embeddings.word_embeddings.attend(hidden)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 segment_ids=None, deterministic: bool = True, output_attentions: bool = False):
+                 segment_ids=None, deterministic: bool = True, output_attentions: bool = False,
+                 outputs: tuple[str, ...] = ()):
         enc = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
-                          deterministic, output_attentions)
-        return MaskedLMOutput(self.mlm_logits(enc.last_hidden_state), enc.hidden_states, enc.attentions)
+                          deterministic, output_attentions, outputs)
+        return MaskedLMOutput.of(self.mlm_logits(enc.last_hidden_state), enc)
 
 
 def greedy_generate(model: GPT2LMHeadModel, params, input_ids: jax.Array, new_tokens: int,

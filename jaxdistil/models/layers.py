@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdistil.errors import UserError
 from jaxdistil.models import attention
 
 Dtype = Any
@@ -103,18 +104,58 @@ def attention_mask_from(
     return mask
 
 
+# The per-layer quantities ``encode(..., outputs=...)`` returns on request (None when not asked):
+#   attentions  [L, B, N, T, S] attention probabilities (compute dtype; before attention dropout)
+#   scores      [L, B, N, T, S] float32 scaled masked scores before the softmax: q k^T / sqrt(H), hidden
+#               keys at float32's most negative value (transformers' scores + additive mask)
+#   queries, keys, values  [L, B, T, N, H] the projections (bias added, before any scaling), compute dtype
+# Asking for attentions or scores runs the explicit (einsum) attention; queries, keys and values do not
+# change the attention path. Nothing asked: nothing extra is computed or stacked out of the layers.
+OUTPUTS = ("attentions", "scores", "queries", "keys", "values")
+
+
+def requested_outputs(outputs=(), output_attentions: bool = False) -> tuple[str, ...]:
+    """The names asked for, in ``OUTPUTS`` order (hashable: a module attribute); ``outputs``: names
+    (or one name), ``output_attentions=True`` adds "attentions". One-line UserError for an unknown name."""
+    names = {outputs} if isinstance(outputs, str) else set(outputs or ())
+    unknown = sorted(str(n) for n in names - set(OUTPUTS))
+    if unknown:
+        raise UserError(f"unknown model output {', '.join(map(repr, unknown))}: the outputs a model returns "
+                        f"on request are {', '.join(OUTPUTS)}")
+    if output_attentions:
+        names.add("attentions")
+    return tuple(n for n in OUTPUTS if n in names)
+
+
 @struct.dataclass
 class EncoderOutput:
     last_hidden_state: jax.Array  # [B, T, D]
     hidden_states: jax.Array  # [L + 1, B, T, D]: embeddings output, then each layer's output
-    attentions: jax.Array | None = None  # [L, B, N, T, T] when requested
+    # The OUTPUTS fields, when requested:
+    attentions: jax.Array | None = None  # [L, B, N, T, S]
+    scores: jax.Array | None = None  # [L, B, N, T, S] float32
+    queries: jax.Array | None = None  # [L, B, T, N, H]
+    keys: jax.Array | None = None  # [L, B, T, N, H]
+    values: jax.Array | None = None  # [L, B, T, N, H]
+
+    def extras(self) -> dict[str, jax.Array]:
+        """The OUTPUTS fields that hold arrays (the requested ones)."""
+        return {name: getattr(self, name) for name in OUTPUTS if getattr(self, name) is not None}
 
 
 @struct.dataclass
 class MaskedLMOutput:
     logits: jax.Array  # [B, T, V]
     hidden_states: jax.Array  # [L + 1, B, T, D]
-    attentions: jax.Array | None = None
+    attentions: jax.Array | None = None  # the OUTPUTS fields of EncoderOutput, when requested
+    scores: jax.Array | None = None
+    queries: jax.Array | None = None
+    keys: jax.Array | None = None
+    values: jax.Array | None = None
+
+    @classmethod
+    def of(cls, logits: jax.Array, enc: EncoderOutput) -> MaskedLMOutput:
+        return cls(logits, enc.hidden_states, **enc.extras())
 
 
 class Embeddings(nn.Module):
@@ -167,14 +208,15 @@ class Embeddings(nn.Module):
 class TransformerLayer(nn.Module):
     """One transformer layer, post-LN (BERT family) or pre-LN (GPT-2, ``cfg.pre_ln``).
 
-    Call: (x [B,T,D], mask [B,1,T,T]) -> (x, (x, attention probs)). ``attention``: the
-    implementation (``jaxdistil.models.attention``), resolved already."""
+    Call: (x [B,T,D], mask [B,1,T,T]) -> (x, (x, {name: array} of the ``outputs`` asked, names of
+    ``OUTPUTS``, per layer: no L axis)). ``attention``: the implementation
+    (``jaxdistil.models.attention``), resolved already."""
 
     cfg: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     deterministic: bool = True
-    output_attentions: bool = False
+    outputs: tuple[str, ...] = ()  # requested_outputs(...)
     attention: str = "xla"
 
     @nn.compact
@@ -198,8 +240,17 @@ class TransformerLayer(nn.Module):
         if attn_dropout > 0.0:
             dropout = nn.Dropout(attn_dropout)
             drop = lambda p: dropout(p, deterministic=False)  # noqa: E731
-        ctx, probs = attention.attend(q, k, v, mask, self.attention, causal=cfg.causal, drop=drop,
-                                      return_probs=self.output_attentions)
+        extras = {}
+        if "scores" in self.outputs:
+            ctx, extras["scores"], probs = attention.explicit(q, k, v, mask, drop)
+        else:
+            ctx, probs = attention.attend(q, k, v, mask, self.attention, causal=cfg.causal, drop=drop,
+                                          return_probs="attentions" in self.outputs)
+        if "attentions" in self.outputs:
+            extras["attentions"] = probs
+        for name, value in (("queries", q), ("keys", k), ("values", v)):
+            if name in self.outputs:
+                extras[name] = value
         attn = nn.DenseGeneral(
             cfg.hidden, axis=(-2, -1), dtype=dt, param_dtype=pdt, name="out_lin",
             kernel_init=_normal(std, ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
@@ -226,7 +277,7 @@ class TransformerLayer(nn.Module):
         ff = nn.Dropout(cfg.dropout)(ff, deterministic=self.deterministic)
         out = ff + h if cfg.pre_ln else _layer_norm(cfg, dt, pdt, "output_layer_norm")(ff + h)
         out = nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED))
-        return out, (out, probs)
+        return out, (out, extras)
 
 
 class Encoder(nn.Module):
@@ -248,7 +299,8 @@ class Encoder(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool = True, output_attentions: bool = False):
+    def __call__(self, x, mask, deterministic: bool = True, outputs: tuple[str, ...] = ()):
+        """-> (x, hidden states [L, B, T, D], {name: [L, ...]} of the ``outputs`` asked (``OUTPUTS``))."""
         block = TransformerLayer
         if self.remat:
             block = nn.remat(block, prevent_cse=False)
@@ -261,14 +313,15 @@ class Encoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
             unroll=self.cfg.layers if self.unroll else 1,
         )
-        x, (states, probs) = stack(
-            self.cfg, self.dtype, self.param_dtype, deterministic, output_attentions, self.attention, name="layers"
+        x, (states, extras) = stack(
+            self.cfg, self.dtype, self.param_dtype, deterministic, requested_outputs(outputs), self.attention,
+            name="layers",
         )(x, mask)
         if self.cfg.pre_ln:
             # GPT-2's ln_f: the last hidden state (and the last of hidden_states) is normalised.
             x = _layer_norm(self.cfg, self.dtype, self.param_dtype, "final_layer_norm")(x)
             states = states.at[-1].set(x)
-        return x, states, probs
+        return x, states, extras
 
 
 class MLMHead(nn.Module):
@@ -318,9 +371,14 @@ class TransformerEncoder(nn.Module):
         segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         output_attentions: bool = False,
+        outputs: tuple[str, ...] = (),
     ) -> EncoderOutput:
         """input_ids [B, T] int; attention_mask [B, T] (1 real, 0 pad); segment_ids [B, T] for
-        packed rows (0 pad), with position_ids restarting per segment."""
+        packed rows (0 pad), with position_ids restarting per segment.
+
+        outputs: names of ``OUTPUTS`` (per-layer attentions, scores, queries, keys, values) to return in
+        the EncoderOutput's fields of those names; ``output_attentions=True`` is ``"attentions"``."""
+        outputs = requested_outputs(outputs, output_attentions)
         batch, length = input_ids.shape
         if position_ids is None and self.cfg.position_offset:
             # RoBERTa counts the real tokens (ids != pad), as transformers does: pads get -1, i.e.
@@ -334,9 +392,9 @@ class TransformerEncoder(nn.Module):
         mask = attention_mask_from(attention_mask, segment_ids, (batch, length), causal=self.cfg.causal)
         x = self.embeddings(input_ids, position_ids, token_type_ids, deterministic)
         first = x
-        x, states, probs = self.encoder(x, mask, deterministic, output_attentions)
+        x, states, extras = self.encoder(x, mask, deterministic, outputs)
         hidden_states = jnp.concatenate([first[None], states], axis=0)
-        return EncoderOutput(x, hidden_states, probs if output_attentions else None)
+        return EncoderOutput(x, hidden_states, **extras)
 
 
 class TransformerMaskedLM(TransformerEncoder):
@@ -358,7 +416,8 @@ class TransformerMaskedLM(TransformerEncoder):
         return self.embeddings.word_embeddings.attend(h) + self.mlm_head.bias.astype(self.dtype)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 segment_ids=None, deterministic: bool = True, output_attentions: bool = False):
+                 segment_ids=None, deterministic: bool = True, output_attentions: bool = False,
+                 outputs: tuple[str, ...] = ()):
         enc = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
-                          deterministic, output_attentions)
-        return MaskedLMOutput(self.mlm_logits(enc.last_hidden_state), enc.hidden_states, enc.attentions)
+                          deterministic, output_attentions, outputs)
+        return MaskedLMOutput.of(self.mlm_logits(enc.last_hidden_state), enc)
