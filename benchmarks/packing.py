@@ -36,13 +36,13 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step as step_bench  # noqa: E402  (benchmarks/step.py: the two steps)
+import step as step_bench  # benchmarks/step.py: the two steps
 
 RESULTS = Path(__file__).resolve().parent / "results" / "packing_cpu.json"
 BIN_WIDTH = 4  # the reference's create_lengths_groups: np.arange(0, max_model_input_size, 4)

@@ -12,8 +12,9 @@
 
 Whatever is chosen, a layer that drops attention probabilities (training with
 ``attention_probs_dropout_prob > 0``) or returns them, or the scores before the softmax, runs the
-einsum form: neither fused kernel exposes them (returning only the queries, keys or values does not). A Pallas / splash-attention kernel for TPUs is not offered: it could not
-be tested here (no TPU); XLA's attention is what runs there.
+einsum form: neither fused kernel exposes them (returning only the queries, keys or values does
+not). A Pallas / splash-attention kernel for TPUs is not offered: it could not be tested here (no
+TPU); XLA's attention is what runs there.
 
 Masks: ``mask`` is boolean, broadcastable to [B, 1, T, S] (True: key visible), from
 ``jaxdistil.models.layers.attention_mask_from`` (padding, packed segments, causal).
