@@ -9,11 +9,13 @@ library), prepared by ``jaxdistil prepare`` with the shipped teacher's tokenizer
 - jaxdistil: ``steps`` packed training batches of ``batch`` rows x max_len from its own loader
   (``loader.packed: true``: grain's first-fit packer, segment ids and restarting positions, so no
   token attends across sequences); one compiled shape.
-- the reference: exactly the sequences those packed batches hold, batched by its ``group_by_size``
-  sampler (``grouped_batch_sampler.py``, reproduced below: length bins of 4 tokens, a batch yielded
-  as soon as one bin holds ``batch_size`` sequences, the leftovers merged in bin order at the end)
-  and each batch padded to its longest sequence. Its batch size is the packed steps' mean number of
-  sequences, so both sides make about the same number of updates of the same sequences.
+- the reference: one epoch of the whole training split in micro-batches of 5 sequences (its README's
+  ``--batch_size 5``) made by its ``group_by_size`` sampler (``grouped_batch_sampler.py``, reproduced
+  below: length bins of 4 tokens, a micro-batch yielded as soon as one bin holds 5 sequences, the
+  leftovers merged in bin order at the end), each padded to its longest sequence; an update
+  accumulates k consecutive micro-batches (``--gradient_accumulation_steps``), k = the packed steps'
+  mean number of sequences / 5, so both sides update on about as many sequences; ``steps`` updates
+  are drawn at random from the epoch (their lengths and padding are the epoch's).
 
 Both run the same bert-base -> 6-layer DistilBERT step as ``benchmarks/step.py`` (triple loss,
 dynamic masking, AdamW), fp32 on CPU, rounds interleaved. Reported: real (non-padding) tokens per
@@ -46,6 +48,7 @@ import step as step_bench  # benchmarks/step.py: the two steps
 
 RESULTS = Path(__file__).resolve().parent / "results" / "packing_cpu.json"
 BIN_WIDTH = 4  # the reference's create_lengths_groups: np.arange(0, max_model_input_size, 4)
+MICRO_BATCH = 5  # sequences per micro-batch: the reference README's --batch_size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,6 +141,18 @@ def prepared_corpus(root: Path, source: str, max_len: int) -> Path:
     return out
 
 
+def train_sequences(manifest: dict, max_len: int) -> list[np.ndarray]:
+    """Every sequence of the training split as the loader decodes it (truncated to max_len)."""
+    import grain
+
+    from jaxdistil.data import manifest as manifest_lib
+    from jaxdistil.data.loader import DecodeIds
+
+    source = grain.sources.ArrayRecordDataSource(manifest_lib.split_files(manifest, "train"))
+    decode = DecodeIds(manifest["dtype"], max_len, manifest["tokenizer"]["special_ids"]["sep"])
+    return [decode(source[i]) for i in range(len(source))]
+
+
 def packed_batches(data: Path, batch: int, max_len: int, n: int) -> list[dict]:
     from jaxdistil.data.loader import LoaderConfig, make_loader
 
@@ -173,58 +188,68 @@ def bench_length(args, root: Path, max_len: int) -> dict:
     corpus_weights = manifest_lib.token_weights(manifest)
     weights[: len(corpus_weights)] = corpus_weights
 
-    # One warm-up batch (compilation, first steps) and `steps` timed ones, the same for both sides.
+    # One warm-up batch (compilation, first steps) and `steps` timed ones on each side.
     packed = packed_batches(data, args.batch, max_len, args.steps + 1)
     warm_seqs, timed = unpack(packed[0]), packed[1:]
-    seqs = [s for b in timed for s in unpack(b)]
+    packed_seqs = [s for b in timed for s in unpack(b)]
+    accum = max(1, round(len(packed_seqs) / len(timed) / MICRO_BATCH))
+    seqs = train_sequences(manifest, max_len)
     lengths = [len(s) for s in seqs]
-    ref_batch = max(1, round(len(seqs) / len(timed)))
-    order = np.random.default_rng(0).permutation(len(seqs))  # the reference's RandomSampler
-    ref_batches = [padded_batch([seqs[i] for i in idx], special["pad"])
-                   for idx in group_by_size(order, length_groups(lengths, max_len), ref_batch)]
-    real = sum(lengths)
-    packed_slots, ref_slots = len(timed) * args.batch * max_len, sum(ids.size for ids, _ in ref_batches)
-    print(f"max_len {max_len}: {len(seqs)} sequences (mean {np.mean(lengths):.1f} tokens, median "
-          f"{np.median(lengths):.0f}, max {max(lengths)}) in {len(timed)} packed batches of {args.batch}x"
-          f"{max_len} ({1 - real / packed_slots:.1%} padding) | the reference: {len(ref_batches)} batches of "
-          f"{ref_batch} sequences ({1 - real / ref_slots:.1%} padding)", flush=True)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(seqs))  # the reference's RandomSampler
+    epoch = list(group_by_size(order, length_groups(lengths, max_len), MICRO_BATCH))
+    epoch_padding = 1 - sum(lengths) / sum(len(idx) * max(lengths[i] for i in idx) for idx in epoch)
+    starts = rng.choice(len(epoch) // accum, size=min(args.steps, len(epoch) // accum), replace=False) * accum
+    ref_updates = [[padded_batch([seqs[i] for i in epoch[k]], special["pad"]) for k in range(start, start + accum)]
+                   for start in starts]
+    packed_real = sum(len(s) for s in packed_seqs)
+    packed_slots = len(timed) * args.batch * max_len
+    ref_real = sum(int(attn.sum()) for u in ref_updates for _, attn in u)
+    ref_slots = sum(ids.size for u in ref_updates for ids, _ in u)
+    print(f"max_len {max_len}: {len(seqs)} training sequences (mean {np.mean(lengths):.1f} tokens, median "
+          f"{np.median(lengths):.0f}, max {max(lengths)}); {len(timed)} packed batches of {args.batch}x{max_len} "
+          f"({len(packed_seqs)} sequences, {1 - packed_real / packed_slots:.1%} padding) | the reference: an epoch "
+          f"of {len(epoch)} micro-batches of {MICRO_BATCH} ({epoch_padding:.1%} padding), {len(ref_updates)} "
+          f"updates of {accum} timed ({1 - ref_real / ref_slots:.1%} padding)", flush=True)
 
     run_args = argparse.Namespace(no_dropout=False)
     jax_step = step_bench.JaxStep(run_args, tcfg, scfg, args.batch, max_len, "fp32",
                                   data=step_bench.BatchData(packed[0], weights, special["pad"], special["mask"]))
     jax_step.run(2)
-    warm_ids, warm_attn = padded_batch(warm_seqs[:ref_batch], special["pad"])
-    torch_step = step_bench.TorchStep(run_args, tcfg, scfg, ref_batch, warm_ids.shape[1], "fp32", gpu=False,
+    warm_ids, warm_attn = padded_batch(warm_seqs[:MICRO_BATCH], special["pad"])
+    torch_step = step_bench.TorchStep(run_args, tcfg, scfg, MICRO_BATCH, warm_ids.shape[1], "fp32", gpu=False,
                                       compile=False, data=step_bench.BatchData(
                                           {"input_ids": warm_ids, "attention_mask": warm_attn}, weights,
                                           special["pad"], special["mask"]))
-    torch_step.run(2)
+    torch_step.run_update([(warm_ids, warm_attn)] * accum)
 
     sides = {"jax-packed": {"wall_s": [], "cpu_s": [], "tokens": []},
              "torch-eager-grouped": {"wall_s": [], "cpu_s": [], "tokens": []}}
     rounds = max(1, min(args.rounds, len(timed)))
 
-    def timed_round(name, runner, batches, feed):
+    def timed_round(name, runner, batches, run):
         t0, c0, tokens = time.perf_counter(), time.process_time(), 0
         for b in batches:
-            feed(b)
-            runner.run(1)
+            run(b)
             tokens += runner.tokens
         sides[name]["wall_s"].append(time.perf_counter() - t0)
         sides[name]["cpu_s"].append(time.process_time() - c0)
         sides[name]["tokens"].append(tokens)
 
     for r in range(rounds):
-        timed_round("jax-packed", jax_step, timed[r::rounds], jax_step.set_batch)
-        timed_round("torch-eager-grouped", torch_step, ref_batches[r::rounds], lambda b: torch_step.set_batch(*b))
+        timed_round("jax-packed", jax_step, timed[r::rounds], lambda b: (jax_step.set_batch(b), jax_step.run(1)))
+        timed_round("torch-eager-grouped", torch_step, ref_updates[r::rounds], torch_step.run_update)
     jax_step.close()
     torch_step.close()
 
-    result = {"max_len": max_len, "sequences": len(seqs), "real_tokens": real,
+    result = {"max_len": max_len, "train_sequences": len(seqs),
               "mean_length": round(float(np.mean(lengths)), 2), "median_length": float(np.median(lengths)),
-              "packed": {"batches": len(timed), "rows": args.batch, "padding": round(1 - real / packed_slots, 4)},
-              "reference": {"batches": len(ref_batches), "batch_size": ref_batch,
-                            "padding": round(1 - real / ref_slots, 4)},
+              "packed": {"batches": len(timed), "rows": args.batch, "sequences": len(packed_seqs),
+                         "real_tokens": packed_real, "padding": round(1 - packed_real / packed_slots, 4)},
+              "reference": {"updates": len(ref_updates), "micro_batch": MICRO_BATCH, "accumulation": accum,
+                            "epoch_micro_batches": len(epoch),
+                            "epoch_padding": round(epoch_padding, 4), "real_tokens": ref_real,
+                            "padding": round(1 - ref_real / ref_slots, 4)},
               "sides": {}}
     for name, s in sides.items():
         tokens, wall, cpu = sum(s["tokens"]), sum(s["wall_s"]), sum(s["cpu_s"])

@@ -507,6 +507,29 @@ class TorchStep:
         names = ("loss", "loss_ce", "loss_clm" if self.causal else "loss_mlm", "loss_cos", "grad_norm")
         return {k: float(v.detach()) for k, v in zip(names, out)}
 
+    def run_update(self, micro_batches) -> dict:
+        """One update accumulated over micro-batches, as the reference's ``distiller.py`` does with
+        ``gradient_accumulation_steps``: each micro-batch ([b, t] ids and attention mask, any t) masked on
+        its own, its loss divided by their number and backpropagated, then one clip + AdamW step.
+        ``tokens`` counts the real tokens of all of them."""
+        torch = self.torch
+        self.opt.zero_grad(set_to_none=True)
+        tokens, out = 0, None
+        for ids, attn in micro_batches:
+            self.set_batch(ids, attn)
+            tokens += self.tokens
+            input_ids, labels = self.mask()
+            loss, ce, mlm, cos = self.forward_loss(input_ids, self.attn, labels)
+            (loss / len(micro_batches)).backward()
+            out = (loss, ce, mlm, cos)
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), MAX_GRAD_NORM)
+        self.opt.step()
+        self.sched.step()
+        self.tokens = tokens
+        if self.gpu:
+            torch.cuda.synchronize()
+        return {k: float(v.detach()) for k, v in zip(("loss", "loss_ce", "loss_mlm", "loss_cos"), out)}
+
     def peak_memory(self) -> int | None:
         return int(self.torch.cuda.max_memory_allocated()) if self.gpu else None
 
