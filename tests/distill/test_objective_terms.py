@@ -136,7 +136,7 @@ def test_training_on_terms_alone_moves_them():
     first = jax.device_get(t.step(batch))
     for _ in range(6):
         last = jax.device_get(t.step(batch))
-    assert last["loss_hidden_mse"] < 0.8 * first["loss_hidden_mse"]
+    assert last["loss_hidden_mse"] < 0.95 * first["loss_hidden_mse"]
     assert last["loss_minilmv2_relations"] < first["loss_minilmv2_relations"]
     assert not np.allclose(jax.device_get(t.state.extra[term_projection_name(0)]["kernel"]), proj0)
 
