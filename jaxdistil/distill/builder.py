@@ -66,7 +66,7 @@ def run_step_spec(cfg: Any, student: ModelConfig, teacher: ModelConfig | None, m
         loss=cfg.loss, masking=cfg.masking, optim=dataclasses.replace(cfg.optim, total_steps=total_steps),
         mask_id=int(mask_id), dtype=cfg.train.dtype, attention=cfg.train.attention, remat=cfg.train.remat,
         group_rows=cfg.loader.group_rows, frozen=frozen, causal=student.causal,
-        projection=cos_projection(cfg.loss, student, teacher))
+        projection=cos_projection(cfg.loss, student, teacher), terms=tuple(cfg.terms))
     mesh = dataclasses.replace(cfg.mesh, rules=tuple(cfg.mesh.rules) + tuple(rules))
     return StepSpec(student, teacher, step, mesh, strict)
 

@@ -4,6 +4,7 @@
   loader       jaxdistil.data.loader.LoaderConfig          batch size, max length, buckets, packing
   masking      jaxdistil.data.masking.MaskingConfig        MLM masking proportions and smoothing
   loss         jaxdistil.distill.losses.LossConfig         temperature and the alphas
+  terms        jaxdistil.distill.terms.TermConfig (a list)  hidden-state, attention and relation terms
   optim        jaxdistil.training.optim.OptimConfig        AdamW, clipping, schedule, accumulation
   mesh         jaxdistil.training.sharding.MeshConfig      data / fsdp / tensor sizes
   checkpoint   jaxdistil.training.checkpoint.CheckpointConfig   save interval, how many to keep
@@ -27,6 +28,7 @@ from jaxdistil.config import LoggingConfig, apply_overrides, build_section, dump
 from jaxdistil.data.loader import LoaderConfig
 from jaxdistil.data.masking import MaskingConfig
 from jaxdistil.distill.losses import LossConfig
+from jaxdistil.distill.terms import TermConfig
 from jaxdistil.distributed import DistributedConfig
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES, attention
@@ -162,6 +164,7 @@ class RunConfig:
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
     masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    terms: tuple[TermConfig, ...] = ()
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -45,8 +45,10 @@ from jaxdistil.distill.losses import (
     loss_weights,
     max_masked_rows,
 )
+from jaxdistil.distill import terms as terms_lib
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES, attention, build_model
+from jaxdistil.models.layers import attention_mask_from
 from jaxdistil.training import sharding as shd
 from jaxdistil.training.optim import OptimConfig
 
@@ -75,6 +77,9 @@ class StepConfig:
       LM loss is L_clm (``loss.alpha_clm``).
     projection: (student width, teacher width) of L_cos's learned projection (loss.cos_projection
       = linear), or None.
+    terms: the run config's ``terms:`` (``jaxdistil.distill.terms.TermConfig``): hidden-state,
+      attention and relation terms added to the loss section's; each a sum over the real tokens
+      divided by its own count.
     """
 
     loss: LossConfig = LossConfig()
@@ -88,8 +93,16 @@ class StepConfig:
     frozen: tuple[str, ...] = ()
     causal: bool = False
     projection: tuple[int, int] | None = None
+    terms: tuple[terms_lib.TermConfig, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.terms and self.loss.normalize != "batch":
+            raise UserError("terms: with loss.normalize=group: the terms are means over the whole batch; "
+                            "set loss.normalize=batch or remove the terms")
+        if self.terms and self.optim.grad_accum_steps > 1:
+            raise UserError(f"terms: with optim.grad_accum_steps={self.optim.grad_accum_steps}: the terms' "
+                            "denominators come from the forward pass of one micro-batch; set "
+                            "optim.grad_accum_steps=1 (a larger loader.batch_size) or remove the terms")
         if self.causal and self.loss.alpha_mlm > 0:
             raise UserError("loss.alpha_mlm > 0 with a causal LM (GPT-2): it has no masked-LM loss; "
                             "set loss.alpha_mlm=0 and loss.alpha_clm (the reference uses 2.0)")
@@ -121,6 +134,8 @@ def build_models(cfg: StepConfig, student_cfg: Any, teacher_cfg: Any | None = No
 
 
 def _check_models(student: nn.Module, teacher: nn.Module | None, cfg: StepConfig) -> None:
+    if cfg.terms and teacher is None:
+        raise UserError(f"terms: {cfg.terms[0].kind} needs a teacher; give teacher.model or remove the terms")
     if teacher is None:
         names = ("alpha_ce", "alpha_cos", "alpha_mse")
         used = {k: getattr(cfg.loss, k) for k in names if getattr(cfg.loss, k)}
@@ -140,6 +155,35 @@ def _check_models(student: nn.Module, teacher: nn.Module | None, cfg: StepConfig
         raise UserError(f"teacher hidden size {teacher.cfg.hidden} != student hidden size {student.cfg.hidden}: "
                         "L_cos needs equal widths; set loss.cos_projection=linear (a learned projection), "
                         "loss.alpha_cos=0, or use a student of the teacher's width")
+    for i, term in enumerate(cfg.terms):
+        _check_term(i, term, student, teacher)
+
+
+def _check_term(index: int, term: terms_lib.TermConfig, student: nn.Module, teacher: nn.Module) -> None:
+    """A term on the models' output shapes (no computation): layer indices, widths, head counts and
+    relation heads are checked here, before any run file is written."""
+    def outputs(model):
+        c = model.cfg
+        b, t, heads, width = 1, 2, c.heads, c.hidden
+        hd = width // heads
+        f32 = jnp.float32
+        shapes = {"hidden_states": (c.layers + 1, b, t, width), "attentions": (c.layers, b, heads, t, t),
+                  "scores": (c.layers, b, heads, t, t), "queries": (c.layers, b, t, heads, hd),
+                  "keys": (c.layers, b, t, heads, hd), "values": (c.layers, b, t, heads, hd)}
+        return {name: jax.ShapeDtypeStruct(shapes[field], f32) for name, field in terms_lib.MODEL_OUTPUTS.items()}
+
+    s_out, t_out = outputs(student), outputs(teacher)
+    proj = None
+    if term.projection:
+        proj = {"kernel": jax.ShapeDtypeStruct((student.cfg.hidden, teacher.cfg.hidden), jnp.float32),
+                "bias": jax.ShapeDtypeStruct((teacher.cfg.hidden,), jnp.float32)}
+    extras = {"mask": jax.ShapeDtypeStruct((1, 1, 2, 2), jnp.bool_)} if "mask" in terms_lib.TERMS[term.kind].needs else {}
+    try:
+        jax.eval_shape(lambda s, t, r, p, e: terms_lib.term_sums(
+            term.kind, s, t, r, term.options, **({"projection": p} if term.projection else {}), **e),
+            s_out, t_out, jax.ShapeDtypeStruct((1, 2), jnp.float32), proj, extras)
+    except UserError as err:
+        raise UserError(f"terms[{index}] ({term.kind}): {err}") from None
 
 
 def _model_kwargs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -191,26 +235,31 @@ def micro_batch_sums(
     dropout_key: jax.Array,
     max_rows: int | None = None,
     projection: PyTree | None = None,
+    term_projections: Mapping[str, PyTree] | None = None,
 ) -> dict[str, jax.Array]:
     """Loss sums (float32 scalars ``SUM_KEYS``) of one masked micro-batch ``mb`` [b, T].
 
     Teacher: deterministic, no gradient. Student: train mode (dropout from ``dropout_key``).
     The MLM heads are passed to ``loss_sums`` as callables, which run them on chunks or on the
     gathered masked rows only. projection: L_cos's {kernel, bias} (``COS_PROJECTION``) or None.
+    With ``cfg.terms`` the models also return what the terms read, and the sums hold each term's
+    "term<i>_sum" / "term<i>_count"; term_projections: the terms' projections by
+    ``term_projection_name``.
     """
     kwargs = _model_kwargs(mb)
-    teacher_hidden = teacher_head = None
+    outputs = terms_lib.requested_outputs(cfg.terms)
+    teacher_hidden = teacher_head = t_enc = None
     if teacher_model is not None:
         t_vars = {"params": teacher_params}
-        teacher_hidden = teacher_model.apply(
-            t_vars, mb["input_ids"], deterministic=True, method="encode", **kwargs
-        ).last_hidden_state
-        teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+        t_enc = jax.lax.stop_gradient(teacher_model.apply(
+            t_vars, mb["input_ids"], deterministic=True, method="encode", outputs=outputs, **kwargs))
+        teacher_hidden = t_enc.last_hidden_state
         teacher_head = lambda h: teacher_model.apply(t_vars, h, method="mlm_logits")  # noqa: E731
     s_vars = {"params": params}
-    student_hidden = student_model.apply(
-        s_vars, mb["input_ids"], deterministic=False, rngs={"dropout": dropout_key}, method="encode", **kwargs
-    ).last_hidden_state
+    s_enc = student_model.apply(
+        s_vars, mb["input_ids"], deterministic=False, rngs={"dropout": dropout_key}, method="encode",
+        outputs=outputs, **kwargs)
+    student_hidden = s_enc.last_hidden_state
     # (fn, params): the loss runs the head on per-shard copies of the params, so that their gradient
     # is reduced once per micro-batch, not once per chunk of rows (jaxdistil.distill.losses).
     student_head = (lambda p, h: student_model.apply({"params": p}, h, method="mlm_logits"), params)
@@ -222,7 +271,30 @@ def micro_batch_sums(
                       + projection["bias"].astype(jnp.float32))
     sums = loss_sums(student_hidden, teacher_hidden, student_head, teacher_head, mb["labels"],
                      mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights, cos_hidden=cos_hidden)
-    return {key: sums[key] for key in SUM_KEYS}
+    out = {key: sums[key] for key in SUM_KEYS}
+    if cfg.terms:
+        with jax.named_scope("terms"):
+            out.update(_term_sums(cfg, student_model, s_enc, t_enc, mb, term_projections or {}))
+    return out
+
+
+def _term_sums(cfg: StepConfig, student_model: nn.Module, s_enc, t_enc, mb, projections) -> dict[str, jax.Array]:
+    """The ``terms:`` sums and counts of one micro-batch: "term<i>_sum", "term<i>_count" (float32),
+    over the real tokens (the key mask: padding, packed segments, causal)."""
+    b, t = mb["input_ids"].shape
+    rows = mb["attention_mask"].astype(jnp.float32)
+    mask = attention_mask_from(mb["attention_mask"], mb.get("segment_ids"), (b, t), causal=student_model.cfg.causal)
+    out = {}
+    for i, term in enumerate(cfg.terms):
+        r = terms_lib.run_term(term, s_enc, t_enc, rows, mask, projections.get(term_projection_name(i)))
+        out[f"term{i}_sum"] = r["sum"].astype(jnp.float32)
+        out[f"term{i}_count"] = r["count"].astype(jnp.float32)
+    return out
+
+
+def term_projection_name(index: int) -> str:
+    """The extra trainable module of term ``index``'s projection (``projection: true``)."""
+    return f"term{index}_projection"
 
 
 def max_rows_bound(cfg: StepConfig, micro_batch: int, length: int) -> int | None:
@@ -245,7 +317,8 @@ class DistillObjective:
 
     consts: {"teacher": the teacher's params (None in MLM-only mode), "token_weights": [V] float32
     masking weights (0 for special tokens)}. metrics: "loss", "loss_ce", "loss_mlm", "loss_cos",
-    "loss_mse", "mlm_accuracy" (and "loss_clm" for causal LMs); totals: real and masked tokens.
+    "loss_mse", "mlm_accuracy" (and "loss_clm" for causal LMs), one "loss_<kind>" per configured term
+    (``terms.term_names``); totals: real and masked tokens.
     """
 
     totals = {"tokens": "tokens", "masked_tokens": "masked"}
@@ -254,9 +327,14 @@ class DistillObjective:
         _check_models(student, teacher, cfg)
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.extra_init = {}
+        std = student.cfg.initializer_range
         if cfg.projection is not None:
-            std = student.cfg.initializer_range
             self.extra_init = {COS_PROJECTION: lambda key: projection_params(key, cfg.projection, std)}
+        widths = None if teacher is None else (student.cfg.hidden, teacher.cfg.hidden)
+        for i, term in enumerate(cfg.terms):
+            if term.projection:
+                self.extra_init[term_projection_name(i)] = lambda key: projection_params(key, widths, std)
+        self.term_names = terms_lib.term_names(cfg.terms)
 
     def prepare(self, batch, consts, key):
         mask_key = jax.random.split(key)[0]
@@ -266,10 +344,17 @@ class DistillObjective:
     def sums(self, params, micro, consts, key):
         b, t = micro["input_ids"].shape
         return micro_batch_sums(self.student, self.teacher, self.cfg, params["model"], consts["teacher"], micro,
-                                key, max_rows_bound(self.cfg, b, t), params["extra"].get(COS_PROJECTION))
+                                key, max_rows_bound(self.cfg, b, t), params["extra"].get(COS_PROJECTION),
+                                params["extra"])
 
     def combine(self, sums, counts):
-        return combine_losses(sums, counts, self.cfg.loss)
+        total, metrics = combine_losses(sums, counts, self.cfg.loss)
+        for i, (term, name) in enumerate(zip(self.cfg.terms, self.term_names)):
+            mean = sums[f"term{i}_sum"] / jnp.maximum(sums[f"term{i}_count"], 1.0)
+            metrics[name] = mean
+            total = total + term.weight * mean
+        metrics["loss"] = total
+        return total, metrics
 
 
 def eval_sums(model: nn.Module, cfg: StepConfig, baseline_id: int | None = None):

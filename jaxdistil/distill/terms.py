@@ -594,3 +594,99 @@ def term_sums(name: str, student: Mapping[str, Any], teacher: Mapping[str, Any] 
             raise UserError(f"term {name} needs the batch's {key}; pass {key}=...")
     kwargs = {k: v for k, v in extras.items() if v is not None}
     return spec.fn(*args, rows=rows, **kwargs, **opts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Terms in a run config: the ``terms:`` section, checked against the models before anything runs.
+# --------------------------------------------------------------------------------------------------
+
+# The model output (``models.layers.EncoderOutput`` field) each term input is read from.
+MODEL_OUTPUTS = {"hidden_states": "hidden_states", "attention_probs": "attentions",
+                 "attention_scores": "scores", "queries": "queries", "keys": "keys", "values": "values"}
+# Terms on logits go through the logits engine (``losses.loss_sums``: gathered rows, chunks, custom
+# gradient) and are configured by ``loss.alpha_*``; the ``terms:`` section takes the others.
+LOGIT_TERMS = ("kl", "reverse_kl", "jsd", "logits_mse", "mlm_ce", "clm_ce")
+OPTION_FIELDS = ("layers", "layer_reduce", "temperature", "beta", "relation_heads", "relation_weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class TermConfig:
+    """One entry of a run config's ``terms:`` list: a loss term added to the ``loss:`` section's.
+
+    kind: a name of ``TERMS`` other than the logit terms (hidden_cos, hidden_mse, attention_kl,
+      attention_mse, value_relation_kl, minilmv2_relations).
+    weight: its weight in the total (the total adds ``weight * sum / count``).
+    teacher: which teacher (the run's one teacher, ``teacher``, for now).
+    projection: a learned linear map of the student's hidden states to the teacher's width (hidden
+      terms; trained with the student, not exported), needed when the widths differ.
+    layers / layer_reduce / temperature / beta / relation_heads / relation_weights: the term's options
+      (``TERMS[kind].options``); null = the term's default; an option the term does not take is an error.
+    """
+
+    kind: str
+    weight: float = 1.0
+    teacher: str = "teacher"
+    projection: bool = False
+    layers: tuple[tuple[int, ...], ...] | None = None
+    layer_reduce: str | None = None
+    temperature: float | None = None
+    beta: float | None = None
+    relation_heads: int | None = None
+    relation_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind in LOGIT_TERMS:
+            raise UserError(f"{self.kind} is a logit term, set by the loss section (loss.alpha_ce, "
+                            "alpha_mlm, alpha_clm, alpha_mse); the terms section takes " + ", ".join(self.kinds()))
+        if self.kind not in TERMS:
+            raise UserError(f"unknown term kind {self.kind!r}; use one of {', '.join(self.kinds())}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise UserError(f"{self.kind}: weight must be >= 0, got {self.weight}")
+        if self.teacher != "teacher":
+            raise UserError(f"{self.kind} names teacher {self.teacher!r}; a run has one teacher for now, "
+                            "'teacher' (the teacher section)")
+        if self.projection and "projection" not in TERMS[self.kind].accepts:
+            raise UserError(f"{self.kind} takes no projection (hidden_cos and hidden_mse do); "
+                            "remove projection: true")
+        resolve_options(self.kind, self.options)
+
+    @staticmethod
+    def kinds() -> list[str]:
+        return [k for k in TERMS if k not in LOGIT_TERMS]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options set (not null), as ``TERMS[kind]`` takes them."""
+        return {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
+
+    def model_outputs(self) -> tuple[str, ...]:
+        """The ``encode(..., outputs=...)`` names this term needs (hidden states are always there)."""
+        return tuple(MODEL_OUTPUTS[i] for i in TERMS[self.kind].inputs if i != "hidden_states")
+
+
+def term_names(terms: Sequence[TermConfig]) -> list[str]:
+    """The metric name of each term: ``loss_<kind>``, numbered when a kind repeats."""
+    kinds = [t.kind for t in terms]
+    return [f"loss_{k}" if kinds.count(k) == 1 else f"loss_{k}_{kinds[:i].count(k)}" for i, k in enumerate(kinds)]
+
+
+def requested_outputs(terms: Sequence[TermConfig]) -> tuple[str, ...]:
+    """The model outputs every term together needs (for ``encode``)."""
+    return tuple(dict.fromkeys(o for t in terms for o in t.model_outputs()))
+
+
+def term_inputs(encoded: Any) -> dict[str, Any]:
+    """A model's ``EncoderOutput`` as the inputs terms read ("hidden_states", "attention_probs", ...)."""
+    return {name: getattr(encoded, field) for name, field in MODEL_OUTPUTS.items()}
+
+
+def run_term(cfg: TermConfig, student: Any, teacher: Any, rows: jax.Array, mask: jax.Array,
+             projection: Any = None) -> Sums:
+    """One configured term on the student's and teacher's ``EncoderOutput``: rows [B, T] weights,
+    mask the [B, 1, T, S] key mask, projection its {kernel, bias} (``projection: true``) or None."""
+    extras: dict[str, Any] = {}
+    if "mask" in TERMS[cfg.kind].needs:
+        extras["mask"] = mask
+    if cfg.projection:
+        extras["projection"] = projection
+    return term_sums(cfg.kind, term_inputs(student), term_inputs(teacher), rows, cfg.options, **extras)
