@@ -361,17 +361,23 @@ def _key_mask(term: str, mask: jax.Array, b: int, t: int, s: int) -> jax.Array:
                         f"[{b}, 1, {t}, {s}]; pass attention_mask_from(...) of the batch") from None
 
 
+def _check_heads(term: str, what: str, layout: str, s0, t0, head_axis: int) -> None:
+    """One layer of each model's per-head inputs: 4-d (``layout`` without its L) with equal head counts
+    on ``head_axis``; one-line UserError otherwise."""
+    if s0.ndim != 4 or t0.ndim != 4:
+        raise UserError(f"term {term}: {what} must be {layout}, got layers of shape {s0.shape} (student) "
+                        f"and {t0.shape} (teacher)")
+    if s0.shape[head_axis] != t0.shape[head_axis]:
+        raise UserError(f"term {term} compares heads one to one: the student has {s0.shape[head_axis]} heads, "
+                        f"the teacher {t0.shape[head_axis]}; use minilmv2_relations, which works with any head counts")
+
+
 def _attention_pairs(term, s_att, t_att, rows, mask, layers):
     """Per pair: (student [B, N, T, S], teacher [B, N, T, S]) at least float32; the key mask
     [B, 1, T, S]; the row weights [B, T]; the head count."""
     pairs = _layer_pairs(term, layers, len(s_att), len(t_att), "attention layers")
     s0, t0 = s_att[0], t_att[0]
-    if s0.ndim != 4 or t0.ndim != 4:
-        raise UserError(f"term {term}: attention inputs must be [L, B, N, T, S], got layers of shape {s0.shape} "
-                        f"(student) and {t0.shape} (teacher)")
-    if s0.shape[1] != t0.shape[1]:
-        raise UserError(f"term {term} compares heads one to one: the student has {s0.shape[1]} heads, the teacher "
-                        f"{t0.shape[1]}; use minilmv2_relations, which works with any head counts")
+    _check_heads(term, "attention inputs", "[L, B, N, T, S]", s0, t0, head_axis=1)
     _same_shape(term, "attention", s0.shape, t0.shape)
     b, n, t, s = s0.shape
     vis = _key_mask(term, mask, b, t, s)
@@ -435,12 +441,7 @@ def value_relation_kl(s_values, t_values, rows: jax.Array, mask: jax.Array, *, l
     _check_options(term, layer_reduce=layer_reduce)
     pairs = _layer_pairs(term, layers, len(s_values), len(t_values), "attention layers")
     s0, t0 = s_values[0], t_values[0]
-    if s0.ndim != 4 or t0.ndim != 4:
-        raise UserError(f"term {term}: values must be [L, B, T, N, H], got layers of shape {s0.shape} (student) "
-                        f"and {t0.shape} (teacher)")
-    if s0.shape[2] != t0.shape[2]:
-        raise UserError(f"term {term} compares heads one to one: the student has {s0.shape[2]} heads, the teacher "
-                        f"{t0.shape[2]}; use minilmv2_relations, which works with any head counts")
+    _check_heads(term, "values", "[L, B, T, N, H]", s0, t0, head_axis=2)
     _same_shape(term, "rows", s0.shape[:2], t0.shape[:2])
     b, t, n, _ = s0.shape
     vis = _key_mask(term, mask, b, t, t)
