@@ -28,6 +28,7 @@ module ``cos_projection`` (``TrainState.extra``): trained with the student, neve
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +49,7 @@ from jaxdistil.distill.losses import (
 from jaxdistil.distill import terms as terms_lib
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES, attention, build_model
-from jaxdistil.models.layers import attention_mask_from
+from jaxdistil.models.layers import EncoderOutput, attention_mask_from
 from jaxdistil.training import sharding as shd
 from jaxdistil.training.optim import OptimConfig
 
@@ -162,26 +163,25 @@ def _check_models(student: nn.Module, teacher: nn.Module | None, cfg: StepConfig
 def _check_term(index: int, term: terms_lib.TermConfig, student: nn.Module, teacher: nn.Module) -> None:
     """A term on the models' output shapes (no computation): layer indices, widths, head counts and
     relation heads are checked here, before any run file is written."""
-    def outputs(model):
-        c = model.cfg
-        b, t, heads, width = 1, 2, c.heads, c.hidden
-        hd = width // heads
-        f32 = jnp.float32
-        shapes = {"hidden_states": (c.layers + 1, b, t, width), "attentions": (c.layers, b, heads, t, t),
-                  "scores": (c.layers, b, heads, t, t), "queries": (c.layers, b, t, heads, hd),
-                  "keys": (c.layers, b, t, heads, hd), "values": (c.layers, b, t, heads, hd)}
-        return {name: jax.ShapeDtypeStruct(shapes[field], f32) for name, field in terms_lib.MODEL_OUTPUTS.items()}
+    b, t = 1, 2
 
-    s_out, t_out = outputs(student), outputs(teacher)
+    def outputs(c) -> EncoderOutput:
+        def shape(*dims):
+            return jax.ShapeDtypeStruct(dims, jnp.float32)
+
+        hd = c.hidden // c.heads
+        return EncoderOutput(shape(b, t, c.hidden), shape(c.layers + 1, b, t, c.hidden),
+                             attentions=shape(c.layers, b, c.heads, t, t), scores=shape(c.layers, b, c.heads, t, t),
+                             queries=shape(c.layers, b, t, c.heads, hd), keys=shape(c.layers, b, t, c.heads, hd),
+                             values=shape(c.layers, b, t, c.heads, hd))
+
     proj = None
     if term.projection:
         proj = {"kernel": jax.ShapeDtypeStruct((student.cfg.hidden, teacher.cfg.hidden), jnp.float32),
                 "bias": jax.ShapeDtypeStruct((teacher.cfg.hidden,), jnp.float32)}
-    extras = {"mask": jax.ShapeDtypeStruct((1, 1, 2, 2), jnp.bool_)} if "mask" in terms_lib.TERMS[term.kind].needs else {}
     try:
-        jax.eval_shape(lambda s, t, r, p, e: terms_lib.term_sums(
-            term.kind, s, t, r, term.options, **({"projection": p} if term.projection else {}), **e),
-            s_out, t_out, jax.ShapeDtypeStruct((1, 2), jnp.float32), proj, extras)
+        jax.eval_shape(functools.partial(terms_lib.run_term, term), outputs(student.cfg), outputs(teacher.cfg),
+                       jax.ShapeDtypeStruct((b, t), jnp.float32), jax.ShapeDtypeStruct((b, 1, t, t), jnp.bool_), proj)
     except UserError as err:
         raise UserError(f"terms[{index}] ({term.kind}): {err}") from None
 
