@@ -491,21 +491,11 @@ class TorchStep:
         return loss, loss_ce, loss_mlm, loss_cos
 
     def run(self, n: int) -> dict:
-        torch = self.torch
+        """n updates on the current batch (one micro-batch each)."""
         out = None
         for _ in range(n):
-            input_ids, labels = self.mask()
-            loss, ce, mlm, cos = self.forward_loss(input_ids, self.attn, labels)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), MAX_GRAD_NORM)
-            self.opt.step()
-            self.sched.step()
-            out = (loss, ce, mlm, cos, gnorm)
-        if self.gpu:
-            torch.cuda.synchronize()
-        names = ("loss", "loss_ce", "loss_clm" if self.causal else "loss_mlm", "loss_cos", "grad_norm")
-        return {k: float(v.detach()) for k, v in zip(names, out)}
+            out = self.run_update([(self.ids, self.attn)])
+        return out
 
     def run_update(self, micro_batches) -> dict:
         """One update accumulated over micro-batches, as the reference's ``distiller.py`` does with
@@ -516,19 +506,21 @@ class TorchStep:
         self.opt.zero_grad(set_to_none=True)
         tokens, out = 0, None
         for ids, attn in micro_batches:
-            self.set_batch(ids, attn)
+            if ids is not self.ids or attn is not self.attn:  # (run: the current batch, no new host sync)
+                self.set_batch(ids, attn)
             tokens += self.tokens
             input_ids, labels = self.mask()
             loss, ce, mlm, cos = self.forward_loss(input_ids, self.attn, labels)
-            (loss / len(micro_batches)).backward()
+            (loss if len(micro_batches) == 1 else loss / len(micro_batches)).backward()
             out = (loss, ce, mlm, cos)
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), MAX_GRAD_NORM)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), MAX_GRAD_NORM)
         self.opt.step()
         self.sched.step()
         self.tokens = tokens
         if self.gpu:
             torch.cuda.synchronize()
-        return {k: float(v.detach()) for k, v in zip(("loss", "loss_ce", "loss_mlm", "loss_cos"), out)}
+        names = ("loss", "loss_ce", "loss_clm" if self.causal else "loss_mlm", "loss_cos", "grad_norm")
+        return {k: float(v.detach()) for k, v in zip(names, (*out, gnorm))}
 
     def peak_memory(self) -> int | None:
         return int(self.torch.cuda.max_memory_allocated()) if self.gpu else None
