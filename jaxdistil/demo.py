@@ -12,6 +12,10 @@ the same shape (2 layers, half the teacher's depth) and the same step budget:
   distilled  soft targets and cosine (5 L_ce + 1 L_cos, configs/demo.yaml) from the copied init, 2 seeds
   mlm-only   L_mlm alone from the same copied init, same steps and seeds (no L_ce, no L_cos)
   random     (``--ablation``) the distilled students' loss from a random init of the same shape, 2 seeds
+  objectives (``--objectives``) the same copied init, budget, data and masks with other distillation
+             objectives as ``terms:`` (``OBJECTIVES``): TinyBERT's hidden-state and attention-score MSE,
+             MiniLM's attention and value-relation KL, MiniLMv2's Q/K/V relations, and DistilBERT's
+             triple loss (with L_mlm), 2 seeds each
   finetune   the teacher and every student fine-tuned the same way on builtin:pydocs-topics
   export     the first distilled student as a Hugging Face DistilBertForMaskedLM, checked in transformers
   report     report.json and report.png, built from the runs' own metrics files only
@@ -82,13 +86,32 @@ KINDS = {
     "distilled": "soft targets and cosine (5 L_ce + 1 L_cos) from the copied init",
     "mlm_only": "L_mlm alone (2 L_mlm, no L_ce, no L_cos) from the copied init",
     "random_init": "the distilled students' loss from a random init of the same shape",
+    "triple": "DistilBERT's triple loss with L_mlm (5 L_ce + 2 L_mlm + 1 L_cos) from the copied init",
+    "tinybert": "TinyBERT's general distillation (embedding + hidden MSE, attention-score MSE) from the copied init",
+    "minilm": "MiniLM's last-layer attention KL and value-relation KL from the copied init",
+    "minilmv2": "MiniLMv2's last-layer Q-Q / K-K / V-V relations (8 relation heads) from the copied init",
+}
+# The --objectives rows: the run config's terms: list of each (the loss section's alphas set to 0).
+# Student layers 1, 2 sit where the teacher's layers 2, 4 do (it was copied from teacher layers 0
+# and 2, and layer i's output is the input of layer i + 1): TinyBERT's uniform map g(m) = 2m.
+OBJECTIVES = {
+    "triple": "[{kind: kl, weight: 5.0, temperature: 2.0}, {kind: mlm_ce, weight: 2.0}, {kind: hidden_cos}]",
+    "tinybert": "[{kind: hidden_mse, layers: [[0, 0], [1, 2], [2, 4]]}, {kind: attention_mse, layers: [[0, 1], [1, 3]]}]",
+    "minilm": "[{kind: attention_kl, layers: [[1, 3]]}, {kind: value_relation_kl, layers: [[1, 3]]}]",
+    "minilmv2": "[{kind: minilmv2_relations, layers: [[1, 3]], relation_heads: 8}]",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoOptions:
     """What ``demo`` runs. steps: None = configs/demo.yaml's; finetune_epochs: passes over the
-    downstream task's training split; ablation: add the random-init students."""
+    downstream task's training split; ablation: add the random-init students; objectives: names of
+    ``OBJECTIVES`` to add a row for (``--objectives``: all of them)."""
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.objectives if k not in OBJECTIVES]
+        if unknown:
+            raise UserError(f"unknown demo objective {unknown[0]!r}; the objectives are {', '.join(OBJECTIVES)}")
 
     output: str | Path = "demo-out"
     teacher: str | Path = TEACHER
@@ -97,6 +120,7 @@ class DemoOptions:
     finetune_epochs: float = FINETUNE_EPOCHS
     ablation: bool = False
     export: bool = True
+    objectives: tuple[str, ...] = ()
 
 
 def run_name(kind: str, seed: int) -> str:
@@ -236,7 +260,8 @@ def demo(options: DemoOptions = DemoOptions()) -> dict[str, Any]:
     start = time.perf_counter()
     stages = Stages(out)
     data_dir, init_dir = out / "data", out / "copied"
-    kinds = ["distilled", "mlm_only"] + (["random_init"] if options.ablation else [])
+    kinds = (["distilled", "mlm_only"] + (["random_init"] if options.ablation else [])
+             + [k for k in OBJECTIVES if k in options.objectives])
 
     stages.run("data", "the built-in corpus tokenized with the teacher's tokenizer, its held-out documents kept",
                lambda: prepare(PrepareConfig("builtin:python-docs", str(teacher_dir), data_dir, max_len=MAX_LEN,
@@ -260,8 +285,9 @@ def demo(options: DemoOptions = DemoOptions()) -> dict[str, Any]:
             if kind == "distilled":
                 over += [f"teacher.model={teacher_dir}", f"student.init={init_dir}"]
             elif kind == "mlm_only":
-                over += ["teacher.model=null", f"student.init={init_dir}", "loss.alpha_ce=0.0", "loss.alpha_mlm=2.0",
-                         "loss.alpha_cos=0.0"]
+                over += ["teacher.model=null", f"student.init={init_dir}", "terms=[{kind: mlm_ce, weight: 2.0}]"]
+            elif kind in OBJECTIVES:
+                over += [f"teacher.model={teacher_dir}", f"student.init={init_dir}", f"terms={OBJECTIVES[kind]}"]
             else:
                 over += [f"teacher.model={teacher_dir}"] + _random_init_overrides(init_dir)
             cfg = load_run_config(CONFIG, over)
@@ -367,7 +393,7 @@ def build_report(out: Path, options: DemoOptions, kinds: list[str], stages: Stag
                             "ood_mask_accuracy": row["ood_mask_accuracy"] / teacher["ood_mask_accuracy"],
                             "downstream_accuracy": row["downstream_accuracy"] / teacher["downstream_accuracy"]}
     comparisons = {}
-    for other in ("copied", "mlm_only", *(["random_init"] if "random_init" in kinds else [])):
+    for other in ("copied", "mlm_only", *(k for k in kinds if k not in ("distilled", "mlm_only"))):
         comparisons[f"distilled_vs_{other}"] = {
             key: _compare(students["distilled"], students[other], key, lower_is_better=key == "perplexity")
             for key in ("mask_accuracy", "perplexity", "ood_mask_accuracy", "downstream_accuracy")}
@@ -482,14 +508,25 @@ def headline(report: dict[str, Any]) -> str:
         verdict = "Distillation does not beat both baselines on [MASK] accuracy by more than the seed spread. "
     lines.append(verdict + f"It keeps {d['retention']['mask_accuracy']:.1%} of the teacher's [MASK] accuracy and "
                  f"{d['retention']['downstream_accuracy']:.1%} of its downstream accuracy.")
+    objectives = [k for k in OBJECTIVES if k in st]
+    if objectives:
+        rows = []
+        for k in objectives:
+            x = cmp[f"distilled_vs_{k}"]
+            ahead = [name for key, name in metrics if x[key]["better"] and x[key]["beyond_spread"]]
+            behind = [name for key, name in metrics if not x[key]["better"] and x[key]["beyond_spread"]]
+            rows.append(f"{k} {figures(st[k])} (the distilled student ahead beyond the seed spread on "
+                        f"{', '.join(ahead) or 'nothing'}; behind on {', '.join(behind) or 'nothing'})")
+        lines.append("Other objectives, same init, budget, data and masks: " + "; ".join(rows) + ".")
     return " ".join(lines)
 
 
 def plot(report: dict[str, Any], out: Path, path: Path) -> None:
     """Loss curves of the student runs and the comparison as bars (matplotlib, Agg backend)."""
     fig, (curves, mlm, ood, down) = plt.subplots(1, 4, figsize=(21, 4.6))
-    colors = {"distilled": "C0", "mlm_only": "C1", "random_init": "C2"}
-    for kind in (k for k in ("distilled", "mlm_only", "random_init") if k in report["students"]):
+    colors = {"distilled": "C0", "mlm_only": "C1", "random_init": "C2", "triple": "C3", "tinybert": "C6",
+              "minilm": "C7", "minilmv2": "C8"}
+    for kind in (k for k in colors if k in report["students"]):
         for row in report["students"][kind]["per_seed"]:
             train_rows = read_metrics(out / row["run"])["train"]
             style = "-" if row["seed"] == report["seeds"][0] else ":"

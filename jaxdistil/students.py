@@ -236,6 +236,22 @@ def resolve_teacher(cfg: Any, manifest: dict) -> LoadedModel | None:
     return teacher
 
 
+def resolve_extra_teachers(cfg: Any, manifest: dict) -> list[LoadedModel]:
+    """The run config's ``teachers:`` list, loaded, in order; each checked against the data's
+    tokenizer (a larger, padded vocabulary passes here: the step refuses it in a logit term)."""
+    out = []
+    for extra in cfg.teachers:
+        loaded = load_model_arg(extra.model, what=f"teacher {extra.name} directory")
+        manifest_lib.check_model_vocab(manifest, loaded, what=f"the teacher {extra.name} ({extra.model})",
+                                       at_least=True)
+        logit_terms = [t.kind for t in cfg.terms if t.on_logits and extra.name in t.teacher]
+        if logit_terms and not loaded.has_mlm_head:
+            raise UserError(f"the teacher {extra.name} ({extra.model}) has no MLM head but term {logit_terms[0]} reads "
+                            "its logits; use a checkpoint with its MLM head or only hidden/attention terms for it")
+        out.append(loaded)
+    return out
+
+
 def student_shape(cfg: Any, teacher: ModelConfig | None, vocab_size: int, pad_id: int) -> ModelConfig:
     """The student's model config from a run config (no weights needed).
 

@@ -39,7 +39,7 @@ from jaxdistil.distill.config import RunConfig
 from jaxdistil.distill.evaluation import HeldOut, HeldOutEvaluator
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES, attention
-from jaxdistil.models.flops import train_flops_per_token
+from jaxdistil.models.flops import forward_flops_per_token, train_flops_per_token
 from jaxdistil.training import loop, rundir
 from jaxdistil.training import sharding as shd
 from jaxdistil.training.checkpoint import RunCheckpointer
@@ -111,6 +111,7 @@ def train(cfg: RunConfig, log=print, force_unlock: bool = False) -> TrainResult:
 def _run(cfg: RunConfig, run_dir: Path, manifest: dict, say) -> TrainResult:
     # ---- models and the step
     teacher = students.resolve_teacher(cfg, manifest)
+    extra_teachers = students.resolve_extra_teachers(cfg, manifest)
     student_cfg, initial_params = students.resolve_student(cfg, teacher, manifest)
     check_student(cfg, student_cfg, manifest)
     run_files.check_run_dir(run_dir, cfg, student_cfg)
@@ -118,7 +119,8 @@ def _run(cfg: RunConfig, run_dir: Path, manifest: dict, say) -> TrainResult:
     total_steps = total_steps_for(cfg, manifest)
     special = manifest["tokenizer"]["special_ids"]
     mask_id = manifest_lib.mask_token_id(manifest, causal=student_cfg.causal)
-    spec = run_step_spec(cfg, student_cfg, teacher.config if teacher else None, mask_id, total_steps)
+    spec = run_step_spec(cfg, student_cfg, teacher.config if teacher else None, mask_id, total_steps,
+                         extra_teachers=[t.config for t in extra_teachers])
     built = DistillStep(spec)
     shd.check_batch(cfg.loader.batch_size * data_shards, built.mesh, cfg.optim.grad_accum_steps)
 
@@ -145,14 +147,16 @@ def _run(cfg: RunConfig, run_dir: Path, manifest: dict, say) -> TrainResult:
         data_shards, cfg.loader.batch_size, shd.batch_sharding(built.mesh), {"input_ids": int(special["pad"])})
     if restored is not None and restored.data_states is not None:
         train_iter.set_state(restored.data_states)
-    consts = built.consts(teacher_params, manifest_lib.token_weights(manifest, cfg.masking.mlm_smoothing))
+    consts = built.consts(teacher_params, manifest_lib.token_weights(manifest, cfg.masking.mlm_smoothing),
+                          built.place_extra_teachers([t.params for t in extra_teachers]))
 
     # ---- the loop: log -> evaluate -> checkpoint after every step; SIGTERM / Ctrl-C save and stop
     peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else measure_peak_flops(spec.step.compute_dtype)
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard, start_step if restored else None,
                            distributed.is_main_process())
     train_log = TrainLog(writer, total_steps, start_step,
-                         lambda t: train_flops_per_token(student_cfg, spec.teacher, t), peak * jax.device_count(),
+                         lambda t: train_flops_per_token(student_cfg, spec.teacher, t)
+                         + sum(forward_flops_per_token(c, t) for c in spec.extra_teachers), peak * jax.device_count(),
                          cfg.logging.progress, combine=built.objective.combine, totals=built.objective.totals)
     hooks: list[Any] = [Log(train_log, cfg.train.log_every)]
     evaluator = None

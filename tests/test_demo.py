@@ -119,22 +119,24 @@ def check_same_finetuning(finetune: Path) -> None:
 
 
 def check_fair_students(runs: Path, seeds: list[int]) -> None:
-    """The distilled and the MLM-only student of a seed differ only in their loss (and teacher): the
-    same init, data, data order, masks, steps and optimizer; and the seeds change the data order."""
+    """The students of a seed (distilled, MLM-only and any objective row) differ only in their terms
+    (and teacher): the same init, data, data order, masks, steps and optimizer; and the seeds change
+    the data order. (The random-init row differs in its init too and is left out.)"""
     for seed in seeds:
-        a, b = (yaml.safe_load((runs / f"{kind}-s{seed}" / "config.yaml").read_text())
-                for kind in ("distilled", "mlm-only"))
-        for cfg in (a, b):
-            cfg.pop("run_dir")
+        cfgs = {p.name[: -len(f"-s{seed}")]: yaml.safe_load((p / "config.yaml").read_text())
+                for p in runs.glob(f"*-s{seed}") if not p.name.startswith("random-init")}
+        assert {"distilled", "mlm-only"} <= set(cfgs)
+        assert cfgs["distilled"]["teacher"]["model"] and cfgs["mlm-only"]["teacher"]["model"] is None
+        assert [t["kind"] for t in cfgs["mlm-only"]["terms"]] == ["mlm_ce"]
+        assert {t["kind"] for t in cfgs["distilled"]["terms"]} == {"kl", "hidden_cos"}
+        for cfg in cfgs.values():
+            assert cfg["loss"]["alpha_ce"] == cfg["loss"]["alpha_mlm"] == cfg["loss"]["alpha_cos"] == 0
+            cfg.pop("run_dir"), cfg.pop("terms"), cfg["teacher"].pop("model")
             cfg["train"].pop("eval_every")  # the first run also scores the teacher and the init at step 0
-        assert a["teacher"]["model"] and b["teacher"]["model"] is None
-        assert b["loss"]["alpha_ce"] == b["loss"]["alpha_cos"] == 0 < b["loss"]["alpha_mlm"]
-        for cfg in (a, b):
-            for key in ("alpha_ce", "alpha_mlm", "alpha_cos"):
-                cfg["loss"].pop(key)
-            cfg["teacher"].pop("model")
-        assert a == b
-        assert a["loader"]["seed"] == a["train"]["seed"] == seed
+        base = cfgs["distilled"]
+        for kind, cfg in cfgs.items():
+            assert cfg == base, kind
+        assert base["loader"]["seed"] == base["train"]["seed"] == seed
 
 
 @pytest.mark.skipif(not (SAMPLE / "report.json").is_file(), reason="no committed sample report")
@@ -198,16 +200,22 @@ def test_shipped_teacher_uses_context_in_transformers():
 
 @pytest.mark.slow
 def test_tiny_demo_report_and_rerun(tmp_path):
-    """A demo of a few updates with the ablation: its report is its metrics files, the plot is a PNG,
-    and a rerun reuses every stage and gives the same report."""
+    """A demo of a few updates with the ablation and one objective row (MiniLMv2's relations, a
+    terms: list): its report is its metrics files, the plot is a PNG, and a rerun reuses every stage
+    and gives the same report."""
     from jaxdistil.demo import DemoOptions, demo
+    from jaxdistil.training.metrics import read_metrics
 
-    # One seed (the committed sample checks the 2-seed spreads): 3 students, 5 fine-tunings.
-    options = DemoOptions(output=tmp_path / "demo", seeds=(1,), steps=3, finetune_epochs=0.02, ablation=True)
+    # One seed (the committed sample checks the 2-seed spreads): 4 students, 6 fine-tunings.
+    options = DemoOptions(output=tmp_path / "demo", seeds=(1,), steps=3, finetune_epochs=0.02, ablation=True,
+                          objectives=("minilmv2",))
     report = demo(options)
     check_report(report, tmp_path / "demo")
-    assert set(report["students"]) == {"copied", "distilled", "mlm_only", "random_init"}
+    assert set(report["students"]) == {"copied", "distilled", "mlm_only", "random_init", "minilmv2"}
     assert "distilled_vs_random_init" in report["comparisons"]
+    assert "distilled_vs_minilmv2" in report["comparisons"] and "minilmv2" in report["headline"]
+    run = read_metrics(tmp_path / "demo" / "runs" / "minilmv2-s1")["train"][-1]
+    assert "loss_minilmv2_relations" in run and "loss_ce" not in run
     assert json.loads((tmp_path / "demo" / "report.json").read_text()) == report
     assert (tmp_path / "demo" / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "demo" / "student-hf" / "model.safetensors").is_file()

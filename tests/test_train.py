@@ -189,9 +189,15 @@ def test_reference_run_writes_everything(ref_run):
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(ref_run, tmp_path, capfd):
     """SIGKILL at a random step, resume: every per-step loss equals the uninterrupted run's, bit for bit."""
+    kill_and_resume(ref_run["raw"], ref_run["losses"], tmp_path, capfd)
+
+
+def kill_and_resume(raw: dict, reference: dict[int, float], tmp_path: Path, capfd) -> None:
+    """Runs ``raw`` in a ``jaxdistil train`` subprocess, SIGKILLs it after a random step, resumes it
+    in this process and checks every per-step loss against ``reference`` (bit for bit)."""
     run = tmp_path / "killed"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(_with(ref_run["raw"], run)))
+    config.write_text(yaml.safe_dump(_with(raw, run)))
     # Early enough that several steps, saves and an evaluation remain when the signal lands.
     kill_after = random.Random(time.time_ns()).randint(3, STEPS - 5)
     print(f"killing after step {kill_after}")
@@ -229,7 +235,7 @@ def test_exact_resume_after_sigkill(ref_run, tmp_path, capfd):
     assert holder["pid"] == proc.pid
     messages = []
     capfd.readouterr()
-    result = train(config_from_dict(_with(ref_run["raw"], run)), log=messages.append)
+    result = train(config_from_dict(_with(raw, run)), log=messages.append)
     warnings = [line for line in capfd.readouterr().err.splitlines() if "taking the lock over" in line]
     assert len(warnings) == 1 and f"pid {proc.pid}" in warnings[0] and "no longer running" in warnings[0]
     resumed = [m for m in messages if m.startswith("resumed")]
@@ -237,8 +243,68 @@ def test_exact_resume_after_sigkill(ref_run, tmp_path, capfd):
     assert result.step == STEPS
     assert not fake.exists()  # temporary directories are cleaned up, never read
     after = losses(run)
-    assert after == ref_run["losses"]  # exact float equality, every step
+    assert after == reference  # exact float equality, every step
     assert not (run / "lock.json").exists()  # released at the end
+
+
+def _bert_dir(out: Path, data_dir: Path, seed: int, with_tokenizer: bool = True, vocab_extra: int = 0, **shape) -> Path:
+    """A random BERT (Flax model dir) for the data's vocabulary (+ ``vocab_extra`` padded rows)."""
+    from jaxdistil.data.manifest import load_manifest, tokenizer_dir
+    from jaxdistil.hf import save_flax_model
+    from jaxdistil.models import BertConfig, build_model, init_params
+
+    manifest = load_manifest(data_dir)
+    cfg = BertConfig(vocab_size=manifest["tokenizer"]["vocab_size"] + vocab_extra, max_position_embeddings=32,
+                     **shape)
+    shapes = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), shapes)
+    save_flax_model(cfg, params, out, tokenizer_dir=tokenizer_dir(manifest) if with_tokenizer else None)
+    return out
+
+
+def two_teacher_config(raw: dict, second: Path) -> dict:
+    """``raw`` with a second teacher "wide" (weight 2): a KL to the mixture of both teachers' soft
+    targets, the MLM loss, and a projected hidden MSE from the student's layer 1 to wide's layer 3."""
+    out = _with(raw, Path(raw["run_dir"]))
+    out["teachers"] = [{"name": "wide", "model": str(second), "weight": 2.0}]
+    out["loss"] = {"alpha_ce": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0}
+    out["terms"] = [{"kind": "kl", "weight": 5.0, "teacher": ["teacher", "wide"]}, {"kind": "mlm_ce", "weight": 2.0},
+                    {"kind": "hidden_mse", "teacher": "wide", "layers": [[1, 3]], "projection": True}]
+    return out
+
+
+@pytest.mark.slow
+def test_two_teacher_run_resumes_exactly_after_sigkill(ref_run, data_dir, tmp_path, capfd):
+    """Two teachers (the run's 2-layer BERT and a 3-layer, 48-wide one with the data's tokenizer):
+    the run trains (its terms are logged and fall), and a SIGKILLed copy resumes bit for bit."""
+    second = _bert_dir(tmp_path / "wide", data_dir, seed=3, hidden_size=48, num_hidden_layers=3,
+                       num_attention_heads=4, intermediate_size=96)
+    raw = two_teacher_config(_with(ref_run["raw"], tmp_path / "two"), second)
+    result = train(config_from_dict(raw), log=lambda *a: None)
+    reference = losses(tmp_path / "two")
+    assert result.step == STEPS and sorted(reference) == list(range(1, STEPS + 1))
+    records = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    train_rec = [r for r in records if r["kind"] == "train"]
+    assert {"loss_kl", "loss_mlm_ce", "loss_hidden_mse"} <= set(train_rec[-1]) and "loss_ce" not in train_rec[-1]
+    assert train_rec[-1]["loss_hidden_mse"] < train_rec[0]["loss_hidden_mse"]
+    assert load_run_config(tmp_path / "two" / "config.yaml").teachers[0].name == "wide"
+    kill_and_resume(raw, reference, tmp_path, capfd)
+
+
+def test_a_logit_term_mixing_vocabularies_is_refused(ref_run, data_dir, tmp_path, capsys):
+    """A second teacher with a padded vocabulary (the data's + 8 rows, no tokenizer of its own): fine
+    for a hidden-state term, refused in one line for a soft-target mixture; nothing is written."""
+    padded = _bert_dir(tmp_path / "padded", data_dir, seed=4, with_tokenizer=False, vocab_extra=8, hidden_size=32,
+                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    raw = two_teacher_config(_with(ref_run["raw"], tmp_path / "run"), padded)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    line = one_line_error(capsys, ["train", "--config", str(config)])
+    assert "terms[0] (kl) mixes teachers with different vocabularies" in line and "wide" in line
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    line = one_line_error(capsys, ["train", "--config", str(config), f"teachers=[{{name: wide, model: {tmp_path}/none}}]"])
+    assert "none" in line and "does not exist" in line
 
 
 def _tree_state(root: Path) -> dict[str, tuple[int, int]]:

@@ -110,13 +110,14 @@ class Tiny:
 
 def build(cfg: StepConfig | None = None, s_cfg=None, t_cfg: Any = "default", mesh: shd.MeshConfig | None = None,
           devices=None, seed: int = 0, compiler_options=None, teacher_params: Any = None,
-          student_params: Any = "init") -> Tiny:
+          student_params: Any = "init", extra_teachers: tuple = ()) -> Tiny:
     """A tiny distillation (or, ``t_cfg=None``, MLM-only) step through ``DistillStep``.
 
     cfg: the StepConfig (default: the triple loss, 10 updates, MASK_ID); s_cfg / t_cfg: model configs
     (defaults: ``student_cfg()`` / ``teacher_cfg()``); mesh: default one device; student_params:
     "init" (the cached random init of ``s_cfg`` with ``seed``), None (drawn by the builder) or a tree;
-    teacher_params: default the cached init of ``t_cfg`` with ``seed + 1``.
+    teacher_params: default the cached init of ``t_cfg`` with ``seed + 1``; extra_teachers: model
+    configs of ``cfg.teachers[1:]`` (params: the cached init with ``seed + 2 + i``).
     """
     from jaxdistil.training.optim import OptimConfig
 
@@ -125,10 +126,12 @@ def build(cfg: StepConfig | None = None, s_cfg=None, t_cfg: Any = "default", mes
     t_cfg = teacher_cfg() if t_cfg == "default" else t_cfg
     if mesh is None:
         mesh, devices = shd.MeshConfig(data=1), devices or jax.devices()[:1]
-    built = DistillStep(StepSpec(s_cfg, t_cfg, cfg, mesh, compiler_options=compiler_options), devices=devices)
+    built = DistillStep(StepSpec(s_cfg, t_cfg, cfg, mesh, compiler_options=compiler_options,
+                                 extra_teachers=tuple(extra_teachers)), devices=devices)
     params = initial_params(s_cfg, seed) if isinstance(student_params, str) else student_params
     state = built.init_state(jax.random.PRNGKey(seed), params)
     t_params = None
     if t_cfg is not None:
         t_params = built.place_teacher(initial_params(t_cfg, seed + 1) if teacher_params is None else teacher_params)
-    return Tiny(built, state, t_params, built.consts(t_params, token_weights()))
+    extra = built.place_extra_teachers([initial_params(c, seed + 2 + i) for i, c in enumerate(extra_teachers)])
+    return Tiny(built, state, t_params, built.consts(t_params, token_weights(), extra))

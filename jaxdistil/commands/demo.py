@@ -1,4 +1,4 @@
-"""``jaxdistil demo [--output DIR] [--ablation]``: what distillation buys, end to end on the built-in corpus."""
+"""``jaxdistil demo [--output DIR] [--ablation] [--objectives]``: what distillation buys, end to end on the built-in corpus."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxdistil.demo import FINETUNE_EPOCHS, SEEDS, TEACHER, DemoOptions, demo, format_report, publish
+from jaxdistil.demo import FINETUNE_EPOCHS, OBJECTIVES, SEEDS, TEACHER, DemoOptions, demo, format_report, publish
 from jaxdistil.errors import UserError
 
 
@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo-out", help="directory for data, runs, export and report")
     parser.add_argument("--ablation", action="store_true",
                         help="add the paper's random-init row: students distilled from a random init")
+    parser.add_argument("--objectives", action="store_true",
+                        help="add rows for other objectives (TinyBERT, MiniLM, MiniLMv2, the triple loss with L_mlm) "
+                             "on the same init, budget, data and masks")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                         help="student seeds, comma-separated (at least 2 for a seed spread; default %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="override the students' updates (configs/demo.yaml)")
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds {args.seeds!r}: give one or more distinct seeds, e.g. 56,57")
     report = demo(DemoOptions(output=args.output, teacher=args.teacher, seeds=seeds, steps=args.steps,
                               finetune_epochs=args.finetune_epochs, ablation=args.ablation,
-                              export=not args.no_export))
+                              export=not args.no_export, objectives=tuple(OBJECTIVES) if args.objectives else ()))
     print("\n== report (" + str(Path(args.output).absolute() / "report.json") + ", report.png)")
     print(format_report(report))
     if args.publish:

@@ -50,15 +50,20 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_vocab(
-    manifest: dict[str, Any], vocab_size: int, tokenizer_hash: str | None = None, what: str = "the teacher"
+    manifest: dict[str, Any], vocab_size: int, tokenizer_hash: str | None = None, what: str = "the teacher",
+    at_least: bool = False,
 ) -> None:
     """Refuse a model whose vocabulary differs from the data's tokenizer.
 
     vocab_size: the model's ``config.vocab_size``; tokenizer_hash: the hash of the model's own
     tokenizer (``tokenization.tokenizer_hash_of_dir``), None when the model ships none.
+    at_least: accept a larger embedding table than the tokenizer's vocabulary (a vocabulary padded to
+    a round size: every data id still has its row), as for a teacher that only hidden-state or
+    attention terms read.
     """
     tok = manifest["tokenizer"]
-    if int(vocab_size) != int(tok["vocab_size"]):
+    fits = int(vocab_size) >= int(tok["vocab_size"]) if at_least else int(vocab_size) == int(tok["vocab_size"])
+    if not fits:
         raise UserError(
             f"{what} has a vocabulary of {vocab_size} tokens but the data in {manifest.get('data_dir', '?')} "
             f"was tokenized with {tok['vocab_size']} ({tok['spec']}); prepare the data with "
@@ -72,11 +77,11 @@ def check_vocab(
         )
 
 
-def check_model_vocab(manifest: dict[str, Any], loaded: Any, what: str) -> None:
+def check_model_vocab(manifest: dict[str, Any], loaded: Any, what: str, at_least: bool = False) -> None:
     """``check_vocab`` for a loaded model (``jaxdistil.hf.LoadedModel``): its vocabulary size and,
     when it ships a tokenizer, that tokenizer's hash."""
     tok_hash = tokenizer_hash_of_dir(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
-    check_vocab(manifest, loaded.config.vocab_size, tok_hash, what=what)
+    check_vocab(manifest, loaded.config.vocab_size, tok_hash, what=what, at_least=at_least)
 
 
 def split_files(manifest: dict[str, Any], split: str) -> list[str]:

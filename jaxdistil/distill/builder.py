@@ -5,6 +5,7 @@ the tests run (the step template itself, ``jaxdistil.training.step.TrainStep``, 
 classifier step of fine-tuning):
 
   spec.student / spec.teacher   model configs (shapes); the teacher None for MLM-only training
+  spec.extra_teachers           model configs of the run config's ``teachers:`` list (step.teachers[1:])
   spec.step                     StepConfig: loss, masking, optim (with total_steps), dtype, ...
   spec.mesh                     MeshConfig: data / fsdp / tensor sizes and rule overrides
 
@@ -14,7 +15,7 @@ classifier step of fine-tuning):
   built.optimizer, built.schedule              the AdamW chain and its learning rate
   built.abstract_state, built.state_shardings  TrainState of ShapeDtypeStructs / NamedShardings
   built.train_step                             jitted (state, batch, consts) -> (state, metrics)
-  built.consts(teacher_params, token_weights)  the step's consts, placed
+  built.consts(teacher_params, token_weights[, extra])  the step's consts, placed
   built.eval_step(model)                       jitted held-out scoring of "student" or "teacher"
   built.init_state / place_teacher / random_teacher / shard_batch / replicate
 
@@ -31,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxdistil.data.masking import MaskingConfig
-from jaxdistil.distill.objective import DistillObjective, StepConfig, build_models, eval_sums
+from jaxdistil.distill.objective import DistillObjective, StepConfig, build_models, build_teacher, eval_sums
 from jaxdistil.errors import UserError
 from jaxdistil.models import ModelConfig, frozen_param_paths, init_params
 from jaxdistil.training import sharding as shd
@@ -55,20 +56,24 @@ class StepSpec:
     mesh: shd.MeshConfig = shd.MeshConfig()
     strict: bool = False
     compiler_options: Mapping[str, Any] | None = None
+    extra_teachers: tuple[ModelConfig, ...] = ()
 
 
 def run_step_spec(cfg: Any, student: ModelConfig, teacher: ModelConfig | None, mask_id: int,
-                  total_steps: int, rules: Sequence[str] = (), strict: bool = False) -> StepSpec:
-    """The StepSpec of a run config: its loss, masking, optimizer (``total_steps`` updates), compute
-    dtype, remat, frozen parameters, normalisation groups and mesh (``rules``: extra overrides)."""
+                  total_steps: int, rules: Sequence[str] = (), strict: bool = False,
+                  extra_teachers: Sequence[ModelConfig] = ()) -> StepSpec:
+    """The StepSpec of a run config: its loss, terms and teachers, masking, optimizer (``total_steps``
+    updates), compute dtype, remat, frozen parameters, normalisation groups and mesh (``rules``: extra
+    overrides); extra_teachers: the model configs of ``cfg.teachers``, in order."""
     frozen = frozen_param_paths(student, cfg.student.freeze_pos_embs, cfg.student.freeze_token_type_embds)
     step = StepConfig(
         loss=cfg.loss, masking=cfg.masking, optim=dataclasses.replace(cfg.optim, total_steps=total_steps),
         mask_id=int(mask_id), dtype=cfg.train.dtype, attention=cfg.train.attention, remat=cfg.train.remat,
         group_rows=cfg.loader.group_rows, frozen=frozen, causal=student.causal,
-        projection=cos_projection(cfg.loss, student, teacher), terms=tuple(cfg.terms))
+        projection=cos_projection(cfg.loss, student, teacher), terms=tuple(cfg.terms),
+        teachers=tuple((t.name, t.weight) for t in (cfg.teacher, *cfg.teachers)))
     mesh = dataclasses.replace(cfg.mesh, rules=tuple(cfg.mesh.rules) + tuple(rules))
-    return StepSpec(student, teacher, step, mesh, strict)
+    return StepSpec(student, teacher, step, mesh, strict, extra_teachers=tuple(extra_teachers))
 
 
 def cos_projection(loss: Any, student: ModelConfig, teacher: ModelConfig | None) -> tuple[int, int] | None:
@@ -89,14 +94,18 @@ class DistillStep:
         self.mesh = shd.make_mesh(spec.mesh, devices)
         self.rules = shd.make_rules(spec.mesh.rules)
         self.student, self.teacher = build_models(spec.step, spec.student, spec.teacher)
-        self.objective = DistillObjective(self.student, self.teacher, spec.step)
+        self.extra_teachers = tuple(build_teacher(spec.step, c) for c in spec.extra_teachers)
+        self.objective = DistillObjective(self.student, self.teacher, spec.step, self.extra_teachers)
         self.teacher_shardings = None
         if self.teacher is not None:
             self.teacher_shardings = shd.param_shardings(self.teacher, self.mesh, self.rules,
                                                          strict=spec.strict)
+        self.extra_teacher_shardings = tuple(shd.param_shardings(m, self.mesh, self.rules, strict=spec.strict)
+                                             for m in self.extra_teachers)
         frozen = tuple(dict.fromkeys(frozen_param_paths(spec.student) + spec.step.frozen))
         self.core = TrainStep(self.student, self.objective, spec.step.optim, self.mesh, self.rules, frozen=frozen,
                               const_shardings={"teacher": self.teacher_shardings,
+                                               "teachers": self.extra_teacher_shardings,
                                                "token_weights": shd.replicated(self.mesh)},
                               strict=spec.strict, compiler_options=spec.compiler_options)
         self.optimizer, self.schedule = self.core.optimizer, self.core.schedule
@@ -114,13 +123,26 @@ class DistillStep:
         """The teacher's (unboxed, host) params placed by the rules."""
         return shd.shard_params(params, self.teacher_shardings)
 
-    def random_teacher(self, rng: jax.Array) -> PyTree:
-        """A randomly initialised teacher, born sharded (for studies and benchmarks of the step)."""
-        return jax.jit(lambda r: init_params(self.teacher, r), out_shardings=self.teacher_shardings)(rng)
+    def place_extra_teachers(self, params: Sequence[PyTree]) -> tuple[PyTree, ...]:
+        """The ``teachers:`` list's (unboxed, host) params, in order, placed by the rules."""
+        return tuple(shd.shard_params(p, s) for p, s in zip(params, self.extra_teacher_shardings, strict=True))
 
-    def consts(self, teacher_params: PyTree | None, token_weights: Any) -> dict[str, Any]:
-        """The train step's consts: the placed teacher params (or None) and the [V] masking weights."""
-        return {"teacher": teacher_params, "token_weights": self.replicate(token_weights)}
+    def random_teacher(self, rng: jax.Array, index: int = 0) -> PyTree:
+        """A randomly initialised teacher (``index`` 0: the loss section's, i: ``extra_teachers[i - 1]``),
+        born sharded (for studies, benchmarks and tests of the step)."""
+        model = (self.teacher, *self.extra_teachers)[index]
+        shardings = (self.teacher_shardings, *self.extra_teacher_shardings)[index]
+        return jax.jit(lambda r: init_params(model, r), out_shardings=shardings)(rng)
+
+    def consts(self, teacher_params: PyTree | None, token_weights: Any,
+               extra_teachers: Sequence[PyTree] = ()) -> dict[str, Any]:
+        """The train step's consts: the placed teacher params (or None), the [V] masking weights and
+        the placed params of the ``teachers:`` list (``place_extra_teachers``)."""
+        if len(extra_teachers) != len(self.extra_teachers):
+            raise UserError(f"{len(extra_teachers)} extra teachers' params for the {len(self.extra_teachers)} "
+                            "teachers of the step")
+        return {"teacher": teacher_params, "teachers": tuple(extra_teachers),
+                "token_weights": self.replicate(token_weights)}
 
     # -- data
     def shard_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:

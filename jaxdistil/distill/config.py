@@ -1,6 +1,7 @@
 """The distillation run config: ``RunConfig``, one typed section per concept.
 
   teacher, student, data, train   here (what a distillation run is made of)
+  teachers     TeacherConfig (a list)                      more teachers, read by the terms that name them
   loader       jaxdistil.data.loader.LoaderConfig          batch size, max length, buckets, packing
   masking      jaxdistil.data.masking.MaskingConfig        MLM masking proportions and smoothing
   loss         jaxdistil.distill.losses.LossConfig         temperature and the alphas
@@ -40,13 +41,24 @@ from jaxdistil.training.sharding import MeshConfig
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """The frozen teacher.
+    """A frozen teacher (the ``teacher`` section, or an entry of the ``teachers:`` list).
 
     model: a Hugging Face model dir, a Flax model dir, a jaxdistil run dir or a hub id;
       None = no teacher: the student is trained with the MLM loss alone (pre-training).
+    name: how terms name it (``terms: [{kind: ..., teacher: NAME}]``); the section's is "teacher".
+    weight: its share in a soft-target mixture (a term naming several teachers mixes their
+      probabilities with these weights, normalised over the teachers it names).
     """
 
     model: str | None = None
+    name: str = "teacher"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise UserError(f"teacher name {self.name!r} must be letters, digits, '-' or '_'")
+        if not (self.weight > 0 and self.weight < float("inf")):
+            raise UserError(f"teacher {self.name}: weight must be a number > 0, got {self.weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +171,7 @@ class RunConfig:
 
     run_dir: str = "runs/default"
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    teachers: tuple[TeacherConfig, ...] = ()
     student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
@@ -173,6 +186,21 @@ class RunConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
+        names = [t.name for t in (self.teacher, *self.teachers)]
+        if self.teachers and self.teacher.model is None:
+            raise UserError("teachers: lists more teachers but teacher.model is not set; the teacher section is "
+                            "the first teacher (the one the student is copied from): set teacher.model")
+        for i, extra in enumerate(self.teachers):
+            if extra.model is None:
+                raise UserError(f"teachers[{i}] ({extra.name}) has no model; set its model: to a model dir or hub id")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise UserError(f"teacher name {dupes[0]!r} is used twice; give every teacher its own name")
+        for i, term in enumerate(self.terms):
+            unknown = [n for n in term.teacher if n not in names] if term.uses_teacher else []
+            if unknown:
+                raise UserError(f"terms[{i}] ({term.kind}) names teacher {unknown[0]!r}; the run's teachers are "
+                                f"{', '.join(names)} (teacher.name and the names in teachers:)")
         if self.loss.normalize == "group" and self.loader.packed:
             # A group is loader.group_rows ROWS; packed, a row holds several sequences, so a group is no
             # longer the reference's micro-batch of group_rows sequences and its means are not the reference's.

@@ -390,6 +390,97 @@ def _logit_sums_bwd(temperature, with_mse, res, g):
 _logit_sums.defvjp(_logit_sums_fwd, _logit_sums_bwd)
 
 
+SOFT_KINDS = ("kl", "reverse_kl", "jsd", "logits_mse")
+SOFT_ROWS = ("all", "masked")
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftTarget:
+    """A soft-target term of the logits engine beside the loss section's L_ce / L_mse (the run
+    config's logit ``terms:``; formulas in ``jaxdistil.distill.terms``).
+
+    kind: "kl" (T^2 KL(P || Q)), "reverse_kl" (T^2 KL(Q || P)), "jsd" (T^2 JSD_beta) or "logits_mse".
+    teachers: indices into the teacher tuple ``loss_sums`` is given; several = a mixture of their
+      probabilities at temperature T, P = sum_k mixture_k softmax(t_k / T) (weights summing to 1).
+    rows: "all" (every real token, weights ``weights["cos"]``) or "masked" (the masked positions,
+      ``weights["mlm"]``).
+    """
+
+    kind: str
+    teachers: tuple[int, ...] = (0,)
+    mixture: tuple[float, ...] = (1.0,)
+    temperature: float = 2.0
+    beta: float = 0.5
+    rows: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOFT_KINDS:
+            raise UserError(f"soft target {self.kind!r} is not one of {', '.join(SOFT_KINDS)}")
+        if self.rows not in SOFT_ROWS:
+            raise UserError(f"{self.kind}: rows must be one of {', '.join(SOFT_ROWS)}, got {self.rows!r}")
+        if len(self.teachers) != len(self.mixture) or not self.teachers:
+            raise UserError(f"{self.kind}: one mixture weight per teacher, got {self.teachers} and {self.mixture}")
+        if self.kind == "logits_mse" and len(self.teachers) > 1:
+            raise UserError("logits_mse compares the student's logits with ONE teacher's; name one teacher")
+
+    @property
+    def scale(self) -> float:
+        """T^2 for the divergences (the reference's L_ce scaling), 1 for logits_mse."""
+        return 1.0 if self.kind == "logits_mse" else float(self.temperature) ** 2
+
+
+def soft_per_row(spec: SoftTarget, s_logits: jax.Array, t_logits: tuple) -> jax.Array:
+    """The term per row, without the T^2 scale: s [n, V], t_logits a tuple of teacher logits [n, V]
+    (indexed by ``spec.teachers``) -> [n] float32."""
+    if spec.kind == "logits_mse":
+        return sq_err_per_row(s_logits, t_logits[spec.teachers[0]])
+    temp = float(spec.temperature)
+    log_q = jax.nn.log_softmax(_f32(s_logits) / temp, axis=-1)
+    logs = [jax.nn.log_softmax(_f32(t_logits[i]) / temp, axis=-1) for i in spec.teachers]
+    if len(logs) == 1:
+        log_p = logs[0]
+    else:  # log sum_k w_k p_k, in log space
+        log_p = jax.nn.logsumexp(jnp.stack([lp + math.log(w) for lp, w in zip(logs, spec.mixture)]), axis=0)
+
+    def kl_of(log_a, log_b):  # KL(A || B) per row, A log A = 0 where A = 0
+        a = jnp.exp(log_a)
+        return jnp.sum(jnp.where(a > 0, a * (log_a - log_b), 0.0), axis=-1)
+
+    if spec.kind == "kl":
+        return kl_of(log_p, log_q)
+    if spec.kind == "reverse_kl":
+        return kl_of(log_q, log_p)
+    beta = float(spec.beta)
+    log_m = jnp.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * kl_of(log_p, log_m) + (1.0 - beta) * kl_of(log_q, log_m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _soft_sums(s_logits, t_logits, weights, specs):
+    """(sum_rows weight_i * term_i per row, ...) over a block: s [n, V], t_logits a tuple of [n, V]
+    (None where unused), weights a tuple of [n], one per spec. The backward pass keeps only the
+    logits and recomputes the rows' terms to differentiate them (the teachers get no gradient)."""
+    return _soft_sums_plain(s_logits, t_logits, weights, specs)
+
+
+def _soft_sums_plain(s_logits, t_logits, weights, specs):
+    return tuple(jnp.sum(soft_per_row(spec, s_logits, t_logits) * w) for spec, w in zip(specs, weights))
+
+
+def _soft_sums_fwd(s_logits, t_logits, weights, specs):
+    return _soft_sums(s_logits, t_logits, weights, specs), (s_logits, t_logits, weights)
+
+
+def _soft_sums_bwd(specs, res, g):
+    s_logits, t_logits, weights = res
+    _, vjp = jax.vjp(lambda s: _soft_sums_plain(s, t_logits, weights, specs), s_logits)
+    (ds,) = vjp(tuple(g))
+    return ds, jax.tree.map(jnp.zeros_like, t_logits), jax.tree.map(jnp.zeros_like, weights)
+
+
+_soft_sums.defvjp(_soft_sums_fwd, _soft_sums_bwd)
+
+
 def _chunking(n: int, chunk_rows: int) -> tuple[int, int]:
     """(number of chunks, rows per chunk) covering n rows with chunks of at most chunk_rows.
 
@@ -436,17 +527,21 @@ def _over_shards(x: jax.Array, shards: int) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def _shard_sums(fn, params, s_h, t_h, labels, ce_w, mlm_w, teacher_head, temperature, with_mse):
-    """Sums over one shard's block of rows: s_h, t_h [n, D], labels / weights [n] -> 4 scalars
-    (ce_sum without T^2, mlm_sum, mse_sum, mlm_correct)."""
+def _shard_sums(fn, params, s_h, t_hs, labels, ce_w, mlm_w, soft_ws, teacher_heads, how):
+    """Sums over one shard's block of rows: s_h [n, D], t_hs a tuple of teacher hidden states [n, D_k]
+    (None where no logit term reads that teacher), labels / weights [n] -> (ce_sum without T^2, mlm_sum,
+    mse_sum, mlm_correct, one sum per soft target without its scale)."""
+    temperature, with_section, with_mse, soft = how
     s_logits = fn(params, s_h)
-    t_logits = None if t_h is None else jax.lax.stop_gradient(teacher_head(t_h))
-    return _logit_sums(s_logits, t_logits, labels, ce_w, mlm_w, temperature, with_mse and t_h is not None)
+    t_logits = tuple(None if h is None else jax.lax.stop_gradient(head(h)) for h, head in zip(t_hs, teacher_heads))
+    base = _logit_sums(s_logits, t_logits[0] if with_section else None, labels, ce_w, mlm_w, temperature,
+                       with_mse)
+    return base + (_soft_sums(s_logits, t_logits, soft_ws, soft) if soft else ())
 
 
-def _blocked_sums(blocks, head, teacher_head, temperature, with_mse, chunk_rows, shards):
-    """The four sums over rows laid out as ``blocks`` (s_h, t_h, labels, ce_w, mlm_w) of shape
-    [S, n, ...]: block s lives on the devices of batch shard s.
+def _blocked_sums(blocks, head, teacher_heads, how, chunk_rows, shards):
+    """The sums over rows laid out as ``blocks`` (s_h, t_hs, labels, ce_w, mlm_w, soft_ws; t_hs and
+    soft_ws tuples) of leaves [S, n, ...]: block s lives on the devices of batch shard s.
 
     The student head runs on per-shard copies of its parameters ([S, ...], one copy per shard, so one
     per device), under ``vmap`` over the shards. The gradient of those copies accumulates on each
@@ -455,8 +550,8 @@ def _blocked_sums(blocks, head, teacher_head, temperature, with_mse, chunk_rows,
     """
     fn, params = head
 
-    def one_shard(prm, s, t, lab, w, m):
-        return _shard_sums(fn, prm, s, t, lab, w, m, teacher_head, temperature, with_mse)
+    def one_shard(prm, *xs):
+        return _shard_sums(fn, prm, *xs, teacher_heads, how)
 
     if shards == 1:
         # One shard: the parameters as they are (a [1, ...] copy would only cost a batched matmul,
@@ -464,28 +559,26 @@ def _blocked_sums(blocks, head, teacher_head, temperature, with_mse, chunk_rows,
         per_shard = params
 
         def sums_fn(prm, *xs):
-            return one_shard(prm, *(None if x is None else x[0] for x in xs))
+            return one_shard(prm, *jax.tree.map(lambda x: x[0], xs))
     else:
         per_shard = jax.tree.map(lambda p: _over_shards(jnp.broadcast_to(p, (shards, *p.shape)), shards), params)
-        sums_fn = jax.vmap(one_shard, in_axes=(0, 0, None if blocks[1] is None else 0, 0, 0, 0))
+        sums_fn = jax.vmap(one_shard, in_axes=(0,) + (0,) * len(blocks))
     n = blocks[0].shape[1]
     rows_per_chunk = n if chunk_rows is None else max(1, chunk_rows // shards)
     if n <= rows_per_chunk:
         return tuple(jnp.sum(x) for x in sums_fn(per_shard, *blocks))
     n_chunks, rows = _chunking(n, rows_per_chunk)
     pad = n_chunks * rows - n
-    fills = (0, 0, IGNORE_INDEX, 0, 0)
+    fills = (0, 0, IGNORE_INDEX, 0, 0, 0)
 
     def split(x, fill):
         # Padding rows carry label -100 and weight 0, so they add exactly 0 to every sum.
-        if x is None:
-            return None
         if pad:
             x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
         x = x.reshape((shards, n_chunks, rows) + x.shape[2:])
         return jnp.swapaxes(x, 0, 1)  # [chunks, S, rows, ...]: every chunk is spread over all devices
 
-    xs = tuple(split(x, f) for x, f in zip(blocks, fills))
+    xs = tuple(jax.tree.map(lambda x, f=f: split(x, f), b) for b, f in zip(blocks, fills))
     # prevent_cse=False: inside scan the recomputation cannot be CSE'd away, and the flag would
     # only block useful optimisations (see jax.checkpoint docs).
     chunk = jax.checkpoint(sums_fn, prevent_cse=False)
@@ -509,58 +602,76 @@ def _as_head(head: Head | tuple) -> tuple[Callable, Any]:
     return (lambda _, h: head(h)), {}
 
 
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
 @jax.named_scope("loss")  # labels the compiled ops (profiles: benchmarks/trace_summary.py)
 def loss_sums(
     student_hidden: jax.Array,
-    teacher_hidden: jax.Array | None,
+    teacher_hidden: jax.Array | tuple | None,
     student_head: Head | tuple,
-    teacher_head: Head | None,
+    teacher_head: Head | tuple | None,
     labels: jax.Array,
     attention_mask: jax.Array,
     cfg: LossConfig,
     max_rows: int | None = None,
     weights: dict[str, jax.Array] | None = None,
     cos_hidden: jax.Array | None = None,
+    soft: tuple[SoftTarget, ...] = (),
+    with_ce: bool | None = None,
 ) -> dict[str, jax.Array]:
     """Loss sums and row counts of one (micro-)batch, without materialising all logits at once.
 
     Args:
       student_hidden: [B, T, D] last hidden states of the student (any float dtype).
-      teacher_hidden: [B, T, D_t] of the teacher, or None for MLM-only training. Treated as a
-        constant (stop_gradient), as is everything computed from it.
+      teacher_hidden: [B, T, D_t] of the teacher, or None for MLM-only training; or a tuple, one
+        per teacher (the first is the loss section's: L_ce, L_cos, L_mse), for ``soft``. Treated as
+        constants (stop_gradient), as is everything computed from them.
       student_head: ``(fn, params)`` with ``fn(params, hidden [N, D]) -> logits [N, V]`` (e.g.
         ``lambda p, h: model.apply({"params": p}, h, method="mlm_logits")``), or a plain callable
         ``hidden -> logits``; called on subsets of rows. With ``(fn, params)`` under a mesh, the
         gradient of ``params`` is reduced over the batch shards once, however many chunks.
-      teacher_head: hidden [N, D] -> logits [N, V].
+      teacher_head: hidden [N, D] -> logits [N, V] (a tuple of them with a tuple of teachers).
       labels: [B, T] int, original token id at masked positions, -100 elsewhere.
       attention_mask: [B, T], 1 for real tokens, 0 for padding.
       cfg: LossConfig.
       max_rows: static upper bound on the number of masked positions (see ``max_masked_rows``).
-        When given and only masked rows need logits (restrict_ce_to_mask, or no teacher), those
-        rows are gathered before the heads: logits are [max_rows, V] instead of [B*T, V]. Under a
-        mesh each batch shard gathers its own rows (``shard_rows_bound`` of them). Batches with
-        more masked positions than this stay exact (a ``lax.cond`` takes the all-rows path).
+        When given and only masked rows need logits (restrict_ce_to_mask, or no teacher, and every
+        soft target on rows="masked"), those rows are gathered before the heads: logits are
+        [max_rows, V] instead of [B*T, V]. Under a mesh each batch shard gathers its own rows
+        (``shard_rows_bound`` of them). Batches with more masked positions than this stay exact (a
+        ``lax.cond`` takes the all-rows path).
       weights: {"ce", "mlm", "cos"} [B, T] float32 row weights of each sum (``loss_weights``);
         default: 1 on each loss's rows (``normalize="batch"``).
       cos_hidden: [B, T, D_t] what L_cos compares with the teacher's hidden states instead of
         ``student_hidden`` (the student's, projected to the teacher's width: loss.cos_projection).
+      soft: further soft targets (``SoftTarget``: the run config's logit terms), computed on the same
+        logits blocks; their row weights are ``weights["cos"]`` (rows="all") or ``weights["mlm"]``
+        (rows="masked").
+      with_ce: compute the section's L_ce (on the first teacher); None: with a teacher, unless
+        alpha_ce = 0 and soft targets are given. (False skips the teacher's head when nothing else
+        reads its logits: its "ce_sum" is 0.)
 
     Returns:
       dict of float32 scalars: sums "ce_sum" (T^2 * sum of KL), "mlm_sum", "cos_sum", "mse_sum"
-      (0 unless alpha_mse > 0), "mlm_correct", and the counts of ``loss_counts``. Without a
-      teacher, ce/cos/mse sums are 0.
+      (0 unless alpha_mse > 0), "mlm_correct", "soft<i>_sum" (scaled: T^2 for divergences) per soft
+      target, and the counts of ``loss_counts``. Without a teacher, ce/cos/mse sums are 0.
     """
     if student_hidden.ndim != 3:
         raise UserError(f"loss_sums expects student hidden states [B, T, D], got shape {student_hidden.shape}")
+    t_hiddens, t_heads = _as_tuple(teacher_hidden), _as_tuple(teacher_head)
+    if len(t_hiddens) != len(t_heads) or any((h is None) != (f is None) for h, f in zip(t_hiddens, t_heads)):
+        raise UserError("pass both teacher_hidden and teacher_head, or neither (MLM-only mode)")
+    if any(i >= len(t_hiddens) or t_hiddens[i] is None for spec in soft for i in spec.teachers):
+        raise UserError("a soft target names a teacher that loss_sums was not given")
+    teacher_hidden = t_hiddens[0]
     cos_in = student_hidden if cos_hidden is None else cos_hidden
     with_cos = teacher_hidden is not None and teacher_hidden.shape == cos_in.shape
     if teacher_hidden is not None and not with_cos and cfg.alpha_cos > 0:
         raise UserError(
             f"teacher hidden states {teacher_hidden.shape} differ from the student's {cos_in.shape}; L_cos "
             "needs the same width: use loss.cos_projection=linear, a student of the teacher's width, or alpha_cos=0")
-    if (teacher_hidden is None) != (teacher_head is None):
-        raise UserError("pass both teacher_hidden and teacher_head, or neither (MLM-only mode)")
     b, t, d = student_hidden.shape
     n = b * t
     head = _as_head(student_head)
@@ -569,6 +680,15 @@ def loss_sums(
     out = loss_counts(labels, attention_mask, cfg)
     temp = float(cfg.temperature)
     with_mse = teacher_hidden is not None and cfg.alpha_mse > 0
+    # The section's L_ce (and L_mse) on the first teacher: always with a teacher and no soft targets
+    # (its metric), else only when weighted.
+    if with_ce is None:
+        with_ce = cfg.alpha_ce > 0 or not soft
+    with_ce = teacher_hidden is not None and with_ce
+    with_section = with_ce or with_mse
+    used = {0} if with_section else set()
+    used |= {i for spec in soft for i in spec.teachers}
+    how = (temp, with_section, with_mse, tuple(soft))
 
     # Row-major flattening keeps each shard's rows contiguous: [B, T] rows split over the batch
     # shards give shard s the rows [s N/S, (s+1) N/S).
@@ -576,22 +696,24 @@ def loss_sums(
         return None if x is None else _over_shards(x.reshape((shards, n // shards) + x.shape[1:]), shards)
 
     s_flat = student_hidden.reshape(n, d)
-    t_flat = None if teacher_hidden is None else jax.lax.stop_gradient(teacher_hidden).reshape(n, -1)
+    t_flat = tuple(None if i not in used else jax.lax.stop_gradient(h).reshape(n, -1) for i, h in enumerate(t_hiddens))
     lab_flat = labels.reshape(n).astype(jnp.int32)
     masked = lab_flat != IGNORE_INDEX
     if weights is None:
         weights, _ = loss_weights(labels, attention_mask, cfg)
     ce_w = weights["ce"].reshape(n).astype(jnp.float32)
     mlm_w = weights["mlm"].reshape(n).astype(jnp.float32)
-    if t_flat is None:
+    if not with_section:
         ce_w = jnp.zeros_like(ce_w)
-    row_blocks = tuple(blocked(x) for x in (lab_flat, ce_w, mlm_w))
+    soft_w = tuple(weights["cos" if spec.rows == "all" else "mlm"].reshape(n).astype(jnp.float32) for spec in soft)
+    row_blocks = jax.tree.map(blocked, (lab_flat, ce_w, mlm_w, soft_w))
 
     def all_rows(s_flat, t_flat, chunk_rows=cfg.chunk_rows):
-        return _blocked_sums((blocked(s_flat), blocked(t_flat), *row_blocks), head, teacher_head, temp,
-                             with_mse, chunk_rows, shards)
+        lab_b, ce_b, mlm_b, soft_b = row_blocks
+        return _blocked_sums((blocked(s_flat), jax.tree.map(blocked, t_flat), lab_b, ce_b, mlm_b, soft_b), head,
+                             t_heads, how, chunk_rows, shards)
 
-    only_masked = teacher_hidden is None or cfg.restrict_ce_to_mask
+    only_masked = (not with_section or cfg.restrict_ce_to_mask) and all(spec.rows == "masked" for spec in soft)
     if only_masked and max_rows is not None and max_rows < n:
         k = shard_rows_bound(int(max_rows), n, shards)  # rows gathered per shard
         shard_counts = jnp.sum(blocked(masked), axis=1)  # [S] masked rows of each shard
@@ -603,17 +725,15 @@ def loss_sums(
             valid = jnp.arange(k)[None, :] < shard_counts[:, None]
 
             def take(x):
-                if x is None:
-                    return None
                 xb = blocked(x)
                 return _over_shards(jnp.take_along_axis(xb, idx.reshape(idx.shape + (1,) * (xb.ndim - 2)), axis=1),
                                     shards)
 
-            s_k, t_k, lab_k, w_k, m_k = (take(x) for x in (s_flat, t_flat, lab_flat, ce_w, mlm_w))
+            s_k, t_k, lab_k, w_k, m_k, soft_k = jax.tree.map(take, (s_flat, t_flat, lab_flat, ce_w, mlm_w, soft_w))
             lab_k = jnp.where(valid, lab_k, IGNORE_INDEX)
             w_k, m_k = jnp.where(valid, w_k, 0.0), jnp.where(valid, m_k, 0.0)
-            return _blocked_sums((s_k, t_k, lab_k, w_k, m_k), head, teacher_head, temp, with_mse, cfg.chunk_rows,
-                                 shards)
+            soft_k = tuple(jnp.where(valid, x, 0.0) for x in soft_k)
+            return _blocked_sums((s_k, t_k, lab_k, w_k, m_k, soft_k), head, t_heads, how, cfg.chunk_rows, shards)
 
         def fallback(s_flat, t_flat):
             # Rare (more masked rows than max_rows): all rows, in chunks no larger than the
@@ -621,12 +741,15 @@ def loss_sums(
             return all_rows(s_flat, t_flat, min(cfg.chunk_rows or k * shards, k * shards))
 
         fits = jnp.all(shard_counts <= k)
-        ce, mlm, mse, correct = jax.lax.cond(fits, gathered, fallback, s_flat, t_flat)
+        sums = jax.lax.cond(fits, gathered, fallback, s_flat, t_flat)
     else:
-        ce, mlm, mse, correct = all_rows(s_flat, t_flat)
+        sums = all_rows(s_flat, t_flat)
 
+    ce, mlm, mse, correct = sums[:4]
     zero = jnp.zeros((), jnp.float32)
     out.update(ce_sum=ce * temp**2, mlm_sum=mlm, mse_sum=mse, mlm_correct=correct, cos_sum=zero)
+    for i, (spec, value) in enumerate(zip(soft, sums[4:])):
+        out[f"soft{i}_sum"] = value * spec.scale
     if with_cos:  # (widths that differ with alpha_cos = 0: no L_cos to compute)
         cos = one_minus_cos_per_row(cos_in, jax.lax.stop_gradient(teacher_hidden))
         out["cos_sum"] = jnp.sum(cos * weights["cos"])

@@ -41,6 +41,7 @@ from jaxdistil.data.masking import MaskingConfig, causal_labels, mask_tokens
 from jaxdistil.distill.losses import (
     SUM_KEYS,
     LossConfig,
+    SoftTarget,
     combine_losses,
     loss_sums,
     loss_weights,
@@ -78,9 +79,13 @@ class StepConfig:
       LM loss is L_clm (``loss.alpha_clm``).
     projection: (student width, teacher width) of L_cos's learned projection (loss.cos_projection
       = linear), or None.
-    terms: the run config's ``terms:`` (``jaxdistil.distill.terms.TermConfig``): hidden-state,
-      attention and relation terms added to the loss section's; each a sum over the real tokens
-      divided by its own count.
+    terms: the run config's ``terms:`` (``jaxdistil.distill.terms.TermConfig``) added to the loss
+      section's: logit terms (soft and hard targets, in the logits engine) and hidden-state, attention
+      and relation terms; each a sum divided by its own count over the whole batch, counted before
+      the forward passes (so any accumulation gives one batch's gradient); with loss.normalize=group
+      their rows are weighed as the loss section's (1 / the group's rows: means per group, averaged).
+    teachers: (name, mixture weight) of every teacher, in order; the first is the loss section's
+      (``teacher``), the others the run config's ``teachers:`` list, read by the terms that name them.
     """
 
     loss: LossConfig = LossConfig()
@@ -95,15 +100,24 @@ class StepConfig:
     causal: bool = False
     projection: tuple[int, int] | None = None
     terms: tuple[terms_lib.TermConfig, ...] = ()
+    teachers: tuple[tuple[str, float], ...] = (("teacher", 1.0),)
 
     def __post_init__(self) -> None:
-        if self.terms and self.loss.normalize != "batch":
-            raise UserError("terms: with loss.normalize=group: the terms are means over the whole batch; "
-                            "set loss.normalize=batch or remove the terms")
-        if self.terms and self.optim.grad_accum_steps > 1:
-            raise UserError(f"terms: with optim.grad_accum_steps={self.optim.grad_accum_steps}: the terms' "
-                            "denominators come from the forward pass of one micro-batch; set "
-                            "optim.grad_accum_steps=1 (a larger loader.batch_size) or remove the terms")
+        names = [n for n, _ in self.teachers]
+        for i, term in enumerate(self.terms):
+            if term.kind == "mlm_ce" and self.causal:
+                raise UserError(f"terms[{i}] is mlm_ce but the student is a causal LM (GPT-2); use kind: clm_ce")
+            if term.kind == "clm_ce" and not self.causal:
+                raise UserError(f"terms[{i}] is clm_ce but the student is a masked LM; use kind: mlm_ce")
+            missing = [n for n in term.teacher if n not in names] if term.uses_teacher else []
+            if missing:
+                raise UserError(f"terms[{i}] ({term.kind}) names teacher {missing[0]!r}; the run's teachers are "
+                                f"{', '.join(names)} (teacher.name and the teachers: list)")
+            _check_not_twice(i, term, self.loss, names[0])
+        soft = [t for t in self.terms if t.kind in terms_lib.SOFT_TERMS]
+        if soft and self.loss.restrict_ce_to_mask and not (self.loss.alpha_ce or self.loss.alpha_mse):
+            raise UserError("loss.restrict_ce_to_mask=true only selects the rows of loss.alpha_ce / alpha_mse, which "
+                            f"are 0; set rows: masked on the {soft[0].kind} term instead")
         if self.causal and self.loss.alpha_mlm > 0:
             raise UserError("loss.alpha_mlm > 0 with a causal LM (GPT-2): it has no masked-LM loss; "
                             "set loss.alpha_mlm=0 and loss.alpha_clm (the reference uses 2.0)")
@@ -125,18 +139,45 @@ class StepConfig:
         return COMPUTE_DTYPES[self.dtype]
 
 
+# A term that is also the loss section's own (same kind, same teacher, same layers): counted twice.
+_SECTION_TERMS = {"kl": "alpha_ce", "logits_mse": "alpha_mse", "hidden_cos": "alpha_cos", "mlm_ce": "alpha_mlm",
+                  "clm_ce": "alpha_clm"}
+
+
+def _check_not_twice(index: int, term: terms_lib.TermConfig, loss: LossConfig, first: str) -> None:
+    """One-line UserError for a term that repeats one of the loss section's weighted terms (kl on the
+    first teacher alone with alpha_ce > 0, ...): the recipe would count it twice."""
+    alpha = _SECTION_TERMS.get(term.kind)
+    if alpha is None or not getattr(loss, alpha):
+        return
+    same = not term.uses_teacher or (term.teacher == (first,) and (term.kind != "hidden_cos" or term.layers is None))
+    if same:
+        raise UserError(f"terms[{index}] ({term.kind}) repeats the loss section's loss.{alpha}={getattr(loss, alpha)}: "
+                        f"it would count twice; set loss.{alpha}=0 (the terms form) or remove the term")
+
+
 def build_models(cfg: StepConfig, student_cfg: Any, teacher_cfg: Any | None = None):
     """(student, teacher | None) Flax modules with the step's compute dtype and attention (remat:
     student only)."""
     impl = attention.resolve(cfg.attention, cfg.compute_dtype)
     student = build_model(student_cfg, dtype=cfg.compute_dtype, remat=cfg.remat, attention=impl)
-    teacher = None if teacher_cfg is None else build_model(teacher_cfg, dtype=cfg.compute_dtype, attention=impl)
+    teacher = None if teacher_cfg is None else build_teacher(cfg, teacher_cfg)
     return student, teacher
 
 
-def _check_models(student: nn.Module, teacher: nn.Module | None, cfg: StepConfig) -> None:
-    if cfg.terms and teacher is None:
-        raise UserError(f"terms: {cfg.terms[0].kind} needs a teacher; give teacher.model or remove the terms")
+def build_teacher(cfg: StepConfig, teacher_cfg: Any) -> nn.Module:
+    """A teacher's Flax module with the step's compute dtype and attention."""
+    return build_model(teacher_cfg, dtype=cfg.compute_dtype, attention=attention.resolve(cfg.attention,
+                                                                                          cfg.compute_dtype))
+
+
+def _check_models(student: nn.Module, teachers: tuple, cfg: StepConfig) -> None:
+    teacher = teachers[0]
+    needs = [t for t in cfg.terms if t.uses_teacher]
+    if needs and teacher is None:
+        raise UserError(f"terms: {needs[0].kind} needs a teacher; give teacher.model or remove the term")
+    if len(teachers) != len(cfg.teachers):
+        raise UserError(f"{len(teachers)} teacher models for the {len(cfg.teachers)} teachers the step names")
     if teacher is None:
         names = ("alpha_ce", "alpha_cos", "alpha_mse")
         used = {k: getattr(cfg.loss, k) for k in names if getattr(cfg.loss, k)}
@@ -156,31 +197,45 @@ def _check_models(student: nn.Module, teacher: nn.Module | None, cfg: StepConfig
         raise UserError(f"teacher hidden size {teacher.cfg.hidden} != student hidden size {student.cfg.hidden}: "
                         "L_cos needs equal widths; set loss.cos_projection=linear (a learned projection), "
                         "loss.alpha_cos=0, or use a student of the teacher's width")
+    names = [n for n, _ in cfg.teachers]
+    for i, model in enumerate(teachers[1:], 1):
+        if model.cfg.causal != student.cfg.causal:
+            raise UserError(f"teacher {names[i]} ({model.cfg.model_type}) and the student ({student.cfg.model_type}) "
+                            "are not both masked or both causal LMs; distil like into like")
+        if not any(names[i] in t.teacher for t in needs):
+            raise UserError(f"teacher {names[i]} is named by no term; name it in a term's teacher: or remove it "
+                            "from teachers:")
     for i, term in enumerate(cfg.terms):
-        _check_term(i, term, student, teacher)
+        if not term.uses_teacher:
+            continue
+        models = [teachers[names.index(n)] for n in term.teacher]
+        if term.on_logits:
+            vocabs = {n: m.cfg.vocab_size for n, m in zip(term.teacher, models)}
+            if len(set(vocabs.values())) > 1:
+                listed = ", ".join(f"{n} ({v})" for n, v in vocabs.items())
+                raise UserError(f"terms[{i}] ({term.kind}) mixes teachers with different vocabularies: {listed}; "
+                                "a mixture of soft targets needs one vocabulary: name teachers that share the "
+                                "student's tokenizer")
+            bad = [n for n, v in vocabs.items() if v != student.cfg.vocab_size]
+            if bad:
+                raise UserError(f"terms[{i}] ({term.kind}): teacher {bad[0]} has a vocabulary of {vocabs[bad[0]]} "
+                                f"tokens, the student {student.cfg.vocab_size}; soft targets compare distributions "
+                                "over one vocabulary: use a hidden-state or attention term for this teacher")
+            continue
+        _check_term(i, term, student, models[0])
 
 
 def _check_term(index: int, term: terms_lib.TermConfig, student: nn.Module, teacher: nn.Module) -> None:
     """A term on the models' output shapes (no computation): layer indices, widths, head counts and
     relation heads are checked here, before any run file is written."""
     b, t = 1, 2
-
-    def outputs(c) -> EncoderOutput:
-        def shape(*dims):
-            return jax.ShapeDtypeStruct(dims, jnp.float32)
-
-        hd = c.hidden // c.heads
-        return EncoderOutput(shape(b, t, c.hidden), shape(c.layers + 1, b, t, c.hidden),
-                             attentions=shape(c.layers, b, c.heads, t, t), scores=shape(c.layers, b, c.heads, t, t),
-                             queries=shape(c.layers, b, t, c.heads, hd), keys=shape(c.layers, b, t, c.heads, hd),
-                             values=shape(c.layers, b, t, c.heads, hd))
-
     proj = None
     if term.projection:
         proj = {"kernel": jax.ShapeDtypeStruct((student.cfg.hidden, teacher.cfg.hidden), jnp.float32),
                 "bias": jax.ShapeDtypeStruct((teacher.cfg.hidden,), jnp.float32)}
     try:
-        jax.eval_shape(functools.partial(terms_lib.run_term, term), outputs(student.cfg), outputs(teacher.cfg),
+        jax.eval_shape(functools.partial(terms_lib.run_term, term), model_outputs(student.cfg, b, t),
+                       model_outputs(teacher.cfg, b, t),
                        jax.ShapeDtypeStruct((b, t), jnp.float32), jax.ShapeDtypeStruct((b, 1, t, t), jnp.bool_), proj)
     except UserError as err:
         raise UserError(f"terms[{index}] ({term.kind}): {err}") from None
@@ -196,6 +251,8 @@ def mask_batch(
     """Masks the WHOLE batch and weighs the rows of each loss, before any forward pass.
 
     batch: {input_ids, attention_mask[, segment_ids, position_ids]} [B, T].
+    counts also hold each non-logit term's denominator "term<i>_count" (``term_counts``), so that its
+    mean divides by the whole batch's count whatever the accumulation.
     loss.normalize="batch": one masking over the batch (n = ceil(p * its real tokens)).
     loss.normalize="group": every group of ``group_rows`` rows masked on its own (n per group), as
       the reference masks each micro-batch.
@@ -225,12 +282,33 @@ def mask_batch(
     return inputs, counts
 
 
+def soft_targets(cfg: StepConfig) -> tuple[tuple[int, SoftTarget], ...]:
+    """(term index, ``losses.SoftTarget``) of each soft-target term (kl, reverse_kl, jsd, logits_mse):
+    its teachers as indices into ``cfg.teachers`` with mixture weights proportional to the teachers'
+    weights."""
+    names = [n for n, _ in cfg.teachers]
+    weight = dict(cfg.teachers)
+    out = []
+    for i, term in enumerate(cfg.terms):
+        if term.kind not in terms_lib.SOFT_TERMS:
+            continue
+        opts = terms_lib.resolve_options(term.kind, term.options)
+        total = sum(weight[n] for n in term.teacher)
+        if not total > 0:
+            raise UserError(f"terms[{i}] ({term.kind}) mixes teachers whose weights add up to {total}; give them "
+                            "weights > 0")
+        out.append((i, SoftTarget(term.kind, tuple(names.index(n) for n in term.teacher),
+                                  tuple(weight[n] / total for n in term.teacher), opts.get("temperature", 1.0),
+                                  opts.get("beta", 0.5), term.rows or "all")))
+    return tuple(out)
+
+
 def micro_batch_sums(
     student_model: nn.Module,
-    teacher_model: nn.Module | None,
+    teacher_models: tuple,
     cfg: StepConfig,
     params: PyTree,
-    teacher_params: PyTree | None,
+    teacher_params: tuple,
     mb: Mapping[str, jax.Array],
     dropout_key: jax.Array,
     max_rows: int | None = None,
@@ -239,57 +317,113 @@ def micro_batch_sums(
 ) -> dict[str, jax.Array]:
     """Loss sums (float32 scalars ``SUM_KEYS``) of one masked micro-batch ``mb`` [b, T].
 
-    Teacher: deterministic, no gradient. Student: train mode (dropout from ``dropout_key``).
-    The MLM heads are passed to ``loss_sums`` as callables, which run them on chunks or on the
-    gathered masked rows only. projection: L_cos's {kernel, bias} (``COS_PROJECTION``) or None.
-    With ``cfg.terms`` the models also return what the terms read, and the sums hold each term's
-    "term<i>_sum" / "term<i>_count"; term_projections: the terms' projections by
+    teacher_models / teacher_params: one per ``cfg.teachers`` (the first None in MLM-only mode).
+    Teachers: deterministic, no gradient; a teacher of the ``teachers:`` list only runs as far as
+    its terms need (its MLM head only for soft targets). Student: train mode (dropout from
+    ``dropout_key``). The MLM heads are passed to ``loss_sums`` as callables, which run them on
+    chunks or on the gathered masked rows only. projection: L_cos's {kernel, bias}
+    (``COS_PROJECTION``) or None. With ``cfg.terms`` the models also return what the terms read,
+    and the sums hold each term's "term<i>_sum"; term_projections: the terms' projections by
     ``term_projection_name``.
     """
     kwargs = _model_kwargs(mb)
-    outputs = terms_lib.requested_outputs(cfg.terms)
-    teacher_hidden = teacher_head = t_enc = None
-    if teacher_model is not None:
-        t_vars = {"params": teacher_params}
-        t_enc = jax.lax.stop_gradient(teacher_model.apply(
-            t_vars, mb["input_ids"], deterministic=True, method="encode", outputs=outputs, **kwargs))
-        teacher_hidden = t_enc.last_hidden_state
-        teacher_head = lambda h: teacher_model.apply(t_vars, h, method="mlm_logits")  # noqa: E731
+    names = [n for n, _ in cfg.teachers]
+    soft = soft_targets(cfg)
+    with_logits = {0} | {k for _, spec in soft for k in spec.teachers}
+    t_encs, t_hidden, t_heads = [], [], []
+    for k, (model, t_params) in enumerate(zip(teacher_models, teacher_params)):
+        if model is None:
+            t_encs.append(None), t_hidden.append(None), t_heads.append(None)
+            continue
+        t_vars = {"params": t_params}
+        enc = jax.lax.stop_gradient(model.apply(t_vars, mb["input_ids"], deterministic=True, method="encode",
+                                                outputs=terms_lib.requested_outputs(cfg.terms, names[k]), **kwargs))
+        t_encs.append(enc)
+        t_hidden.append(enc.last_hidden_state if k in with_logits else None)
+        t_heads.append((lambda h, m=model, v=t_vars: m.apply(v, h, method="mlm_logits")) if k in with_logits else None)
     s_vars = {"params": params}
     s_enc = student_model.apply(
         s_vars, mb["input_ids"], deterministic=False, rngs={"dropout": dropout_key}, method="encode",
-        outputs=outputs, **kwargs)
+        outputs=terms_lib.requested_outputs(cfg.terms), **kwargs)
     student_hidden = s_enc.last_hidden_state
     # (fn, params): the loss runs the head on per-shard copies of the params, so that their gradient
     # is reduced once per micro-batch, not once per chunk of rows (jaxdistil.distill.losses).
     student_head = (lambda p, h: student_model.apply({"params": p}, h, method="mlm_logits"), params)
     weights = {k: mb[f"w_{k}"] for k in ("ce", "mlm", "cos")}
     cos_hidden = None
-    if projection is not None and teacher_hidden is not None:
+    if projection is not None and t_hidden and t_hidden[0] is not None:
         # L_cos on the student's hidden states mapped to the teacher's width (float32, like the loss).
         cos_hidden = (student_hidden.astype(jnp.float32) @ projection["kernel"].astype(jnp.float32)
                       + projection["bias"].astype(jnp.float32))
-    sums = loss_sums(student_hidden, teacher_hidden, student_head, teacher_head, mb["labels"],
-                     mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights, cos_hidden=cos_hidden)
+    sums = loss_sums(student_hidden, tuple(t_hidden) or None, student_head, tuple(t_heads) or None, mb["labels"],
+                     mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights, cos_hidden=cos_hidden,
+                     soft=tuple(spec for _, spec in soft), with_ce=cfg.loss.alpha_ce > 0 or not cfg.terms)
     out = {key: sums[key] for key in SUM_KEYS}
-    if cfg.terms:
+    for j, (i, _) in enumerate(soft):
+        out[f"term{i}_sum"] = sums[f"soft{j}_sum"]
+    if any(not t.on_logits for t in cfg.terms):
         with jax.named_scope("terms"):
-            out.update(_term_sums(cfg, student_model, s_enc, t_enc, mb, term_projections or {}))
+            out.update(_term_sums(cfg, student_model, s_enc, t_encs, mb, term_projections or {}))
     return out
 
 
-def _term_sums(cfg: StepConfig, student_model: nn.Module, s_enc, t_enc, mb, projections) -> dict[str, jax.Array]:
-    """The ``terms:`` sums and counts of one micro-batch: "term<i>_sum", "term<i>_count" (float32),
-    over the real tokens (the key mask: padding, packed segments, causal)."""
+def _term_inputs(cfg: StepConfig, student_model: nn.Module, mb: Mapping[str, jax.Array], rows: jax.Array):
+    """(rows, key mask) of the non-logit terms: rows the [B, T] weights of the real tokens (the loss
+    section's L_cos weights: 1 per token, or 1 / tokens of its group with loss.normalize=group), the
+    key mask [B, 1, T, T] of padding, packed segments and causal LMs."""
     b, t = mb["input_ids"].shape
-    rows = mb["attention_mask"].astype(jnp.float32)
     mask = attention_mask_from(mb["attention_mask"], mb.get("segment_ids"), (b, t), causal=student_model.cfg.causal)
+    return rows.astype(jnp.float32), mask
+
+
+def _term_sums(cfg: StepConfig, student_model: nn.Module, s_enc, t_encs, mb, projections) -> dict[str, jax.Array]:
+    """The non-logit terms' sums of one micro-batch: "term<i>_sum" (float32), over the real tokens."""
+    rows, mask = _term_inputs(cfg, student_model, mb, mb["w_cos"])
+    names = [n for n, _ in cfg.teachers]
     out = {}
     for i, term in enumerate(cfg.terms):
+        if term.on_logits:
+            continue
+        t_enc = t_encs[names.index(term.teacher[0])]
         r = terms_lib.run_term(term, s_enc, t_enc, rows, mask, projections.get(term_projection_name(i)))
         out[f"term{i}_sum"] = r["sum"].astype(jnp.float32)
-        out[f"term{i}_count"] = r["count"].astype(jnp.float32)
     return out
+
+
+def term_counts(cfg: StepConfig, student: nn.Module, teachers: tuple, batch: Mapping[str, jax.Array],
+                rows: jax.Array) -> dict[str, jax.Array]:
+    """The non-logit terms' denominators "term<i>_count" over a whole batch, before any forward pass:
+    a term's count depends on its rows, key mask and the models' shapes only, so it is the term run
+    on zero outputs of those shapes, of which XLA keeps only the count (the rest is dead code)."""
+    b, t = batch["input_ids"].shape
+    rows, mask = _term_inputs(cfg, student, batch, rows)
+    names = [n for n, _ in cfg.teachers]
+    out = {}
+    for i, term in enumerate(cfg.terms):
+        if term.on_logits:
+            continue
+        teacher = teachers[names.index(term.teacher[0])]
+        proj = None
+        if term.projection:
+            proj = {"kernel": jnp.zeros((student.cfg.hidden, teacher.cfg.hidden)),
+                    "bias": jnp.zeros((teacher.cfg.hidden,))}
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (model_outputs(student.cfg, b, t),
+                                                                       model_outputs(teacher.cfg, b, t)))
+        out[f"term{i}_count"] = terms_lib.run_term(term, *zeros, rows, mask, proj)["count"].astype(jnp.float32)
+    return out
+
+
+def model_outputs(c: Any, b: int, t: int) -> EncoderOutput:
+    """The shapes (``jax.ShapeDtypeStruct``, float32) of everything ``encode`` can return for a model
+    config ``c`` on a [b, t] batch."""
+    def shape(*dims):
+        return jax.ShapeDtypeStruct(dims, jnp.float32)
+
+    hd = c.hidden // c.heads
+    return EncoderOutput(shape(b, t, c.hidden), shape(c.layers + 1, b, t, c.hidden),
+                         attentions=shape(c.layers, b, c.heads, t, t), scores=shape(c.layers, b, c.heads, t, t),
+                         queries=shape(c.layers, b, t, c.heads, hd), keys=shape(c.layers, b, t, c.heads, hd),
+                         values=shape(c.layers, b, t, c.heads, hd))
 
 
 def term_projection_name(index: int) -> str:
@@ -313,44 +447,67 @@ def max_rows_bound(cfg: StepConfig, micro_batch: int, length: int) -> int | None
 
 
 class DistillObjective:
-    """The triple loss as the step template's ``Objective``.
+    """The triple loss, and the ``terms:`` list, as the step template's ``Objective``.
 
-    consts: {"teacher": the teacher's params (None in MLM-only mode), "token_weights": [V] float32
-    masking weights (0 for special tokens)}. metrics: "loss", "loss_ce", "loss_mlm", "loss_cos",
-    "loss_mse", "mlm_accuracy" (and "loss_clm" for causal LMs), one "loss_<kind>" per configured term
-    (``terms.term_names``); totals: real and masked tokens.
+    teacher: the loss section's teacher (None in MLM-only mode); extra_teachers: the modules of
+    ``cfg.teachers[1:]`` (the run config's ``teachers:`` list), in order.
+    consts: {"teacher": the teacher's params (None in MLM-only mode), "teachers": a tuple of the
+    extra teachers' params, "token_weights": [V] float32 masking weights (0 for special tokens)}.
+    metrics: "loss", "loss_ce" (unless alpha_ce = 0 with terms: then not computed),
+    "loss_mlm", "loss_cos", "loss_mse", "mlm_accuracy" (and "loss_clm" for causal LMs), one
+    "loss_<kind>" per configured term (``terms.term_names``); totals: real and masked tokens.
     """
 
     totals = {"tokens": "tokens", "masked_tokens": "masked"}
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: StepConfig):
-        _check_models(student, teacher, cfg)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: StepConfig,
+                 extra_teachers: tuple[nn.Module, ...] = ()):
+        self.teachers = (teacher, *extra_teachers)
+        _check_models(student, self.teachers, cfg)
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.extra_init = {}
         std = student.cfg.initializer_range
         if cfg.projection is not None:
             self.extra_init = {COS_PROJECTION: lambda key: projection_params(key, cfg.projection, std)}
-        widths = None if teacher is None else (student.cfg.hidden, teacher.cfg.hidden)
+        names = [n for n, _ in cfg.teachers]
         for i, term in enumerate(cfg.terms):
             if term.projection:
-                self.extra_init[term_projection_name(i)] = lambda key: projection_params(key, widths, std)
+                widths = (student.cfg.hidden, self.teachers[names.index(term.teacher[0])].cfg.hidden)
+                self.extra_init[term_projection_name(i)] = (
+                    lambda key, w=widths: projection_params(key, w, std))
         self.term_names = terms_lib.term_names(cfg.terms)
+        # The section's L_ce: computed when weighted, and without terms (its metric, as before terms).
+        self.with_ce = teacher is not None and (cfg.loss.alpha_ce > 0 or not cfg.terms)
 
     def prepare(self, batch, consts, key):
         mask_key = jax.random.split(key)[0]
         with jax.named_scope("masking"):  # labels the compiled ops (profiles: benchmarks/trace_summary.py)
-            return mask_batch(batch, consts["token_weights"], mask_key, self.cfg, self.student.cfg.vocab_size)
+            inputs, counts = mask_batch(batch, consts["token_weights"], mask_key, self.cfg,
+                                        self.student.cfg.vocab_size)
+        if any(not t.on_logits for t in self.cfg.terms):
+            counts.update(term_counts(self.cfg, self.student, self.teachers, inputs, inputs["w_cos"]))
+        return inputs, counts
 
     def sums(self, params, micro, consts, key):
         b, t = micro["input_ids"].shape
-        return micro_batch_sums(self.student, self.teacher, self.cfg, params["model"], consts["teacher"], micro,
+        teacher_params = (consts["teacher"], *consts.get("teachers", ()))
+        return micro_batch_sums(self.student, self.teachers, self.cfg, params["model"], teacher_params, micro,
                                 key, max_rows_bound(self.cfg, b, t), params["extra"].get(COS_PROJECTION),
                                 params["extra"])
 
     def combine(self, sums, counts):
         total, metrics = combine_losses(sums, counts, self.cfg.loss)
+        if not self.with_ce:
+            metrics.pop("loss_ce")
         for i, (term, name) in enumerate(zip(self.cfg.terms, self.term_names)):
-            mean = sums[f"term{i}_sum"] / jnp.maximum(sums[f"term{i}_count"], 1.0)
+            if term.kind in terms_lib.HARD_TERMS:
+                total_sum, count = sums["mlm_sum"], counts["mlm_rows"]
+            elif term.kind in terms_lib.SOFT_TERMS:
+                total_sum, count = sums[f"term{i}_sum"], counts["cos_rows" if (term.rows or "all") == "all"
+                                                                else "mlm_rows"]
+            else:
+                total_sum, count = sums[f"term{i}_sum"], counts[f"term{i}_count"]
+            mean = total_sum / jnp.maximum(count, 1.0)
             metrics[name] = mean
             total = total + term.weight * mean
         metrics["loss"] = total

@@ -604,9 +604,14 @@ def term_sums(name: str, student: Mapping[str, Any], teacher: Mapping[str, Any] 
 # The model output (``models.layers.EncoderOutput`` field) each term input is read from.
 MODEL_OUTPUTS = {"hidden_states": "hidden_states", "attention_probs": "attentions",
                  "attention_scores": "scores", "queries": "queries", "keys": "keys", "values": "values"}
-# Terms on logits go through the logits engine (``losses.loss_sums``: gathered rows, chunks, custom
-# gradient) and are configured by ``loss.alpha_*``; the ``terms:`` section takes the others.
+# Terms on logits run in the logits engine (``losses.loss_sums``: gathered rows, chunks, custom
+# gradient, the per-shard head reduction), not through ``run_term``: the soft targets as
+# ``losses.SoftTarget``, the hard targets as the engine's LM cross-entropy (its "mlm_sum").
 LOGIT_TERMS = ("kl", "reverse_kl", "jsd", "logits_mse", "mlm_ce", "clm_ce")
+SOFT_TERMS = ("kl", "reverse_kl", "jsd", "logits_mse")
+HARD_TERMS = ("mlm_ce", "clm_ce")
+MIXTURE_TERMS = ("kl", "reverse_kl", "jsd")  # may name several teachers (a mixture of probabilities)
+ROWS = ("all", "masked")
 OPTION_FIELDS = ("layers", "layer_reduce", "temperature", "beta", "relation_heads", "relation_weights")
 
 
@@ -614,10 +619,13 @@ OPTION_FIELDS = ("layers", "layer_reduce", "temperature", "beta", "relation_head
 class TermConfig:
     """One entry of a run config's ``terms:`` list: a loss term added to the ``loss:`` section's.
 
-    kind: a name of ``TERMS`` other than the logit terms (hidden_cos, hidden_mse, attention_kl,
-      attention_mse, value_relation_kl, minilmv2_relations).
+    kind: a name of ``TERMS``.
     weight: its weight in the total (the total adds ``weight * sum / count``).
-    teacher: which teacher (the run's one teacher, ``teacher``, for now).
+    teacher: the teacher(s) it reads, by name (``teacher.name``, default "teacher", or a name of the
+      ``teachers:`` list); several (soft targets kl, reverse_kl, jsd only) = a mixture of their
+      probabilities with the teachers' weights. Ignored by the hard targets mlm_ce / clm_ce.
+    rows: soft targets: "all" (every real token, the reference's L_ce) or "masked" (the masked
+      positions only, the reference's --restrict_ce_to_mask); default all.
     projection: a learned linear map of the student's hidden states to the teacher's width (hidden
       terms; trained with the student, not exported), needed when the widths differ.
     layers / layer_reduce / temperature / beta / relation_heads / relation_weights: the term's options
@@ -626,7 +634,8 @@ class TermConfig:
 
     kind: str
     weight: float = 1.0
-    teacher: str = "teacher"
+    teacher: tuple[str, ...] = ("teacher",)
+    rows: str | None = None
     projection: bool = False
     layers: tuple[tuple[int, ...], ...] | None = None
     layer_reduce: str | None = None
@@ -636,16 +645,23 @@ class TermConfig:
     relation_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind in LOGIT_TERMS:
-            raise UserError(f"{self.kind} is a logit term, set by the loss section (loss.alpha_ce, "
-                            "alpha_mlm, alpha_clm, alpha_mse); the terms section takes " + ", ".join(self.kinds()))
+        if isinstance(self.teacher, str):
+            object.__setattr__(self, "teacher", (self.teacher,))
         if self.kind not in TERMS:
-            raise UserError(f"unknown term kind {self.kind!r}; use one of {', '.join(self.kinds())}")
+            raise UserError(f"unknown term kind {self.kind!r}; use one of {', '.join(TERMS)}")
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise UserError(f"{self.kind}: weight must be >= 0, got {self.weight}")
-        if self.teacher != "teacher":
-            raise UserError(f"{self.kind} names teacher {self.teacher!r}; a run has one teacher for now, "
-                            "'teacher' (the teacher section)")
+        if not self.teacher or len(set(self.teacher)) != len(self.teacher):
+            raise UserError(f"{self.kind}: teacher must name one teacher or several distinct ones, got "
+                            f"{list(self.teacher)}")
+        if len(self.teacher) > 1 and self.kind not in MIXTURE_TERMS:
+            raise UserError(f"{self.kind} names teachers {list(self.teacher)}; only {', '.join(MIXTURE_TERMS)} "
+                            "mix several teachers: name one")
+        if self.rows is not None and self.kind not in SOFT_TERMS:
+            raise UserError(f"{self.kind} takes no rows option (the soft targets {', '.join(SOFT_TERMS)} do); "
+                            "remove rows")
+        if self.rows is not None and self.rows not in ROWS:
+            raise UserError(f"{self.kind}: rows must be one of {', '.join(ROWS)}, got {self.rows!r}")
         if self.projection and "projection" not in TERMS[self.kind].accepts:
             raise UserError(f"{self.kind} takes no projection (hidden_cos and hidden_mse do); "
                             "remove projection: true")
@@ -653,16 +669,25 @@ class TermConfig:
 
     @staticmethod
     def kinds() -> list[str]:
-        return [k for k in TERMS if k not in LOGIT_TERMS]
+        return list(TERMS)
 
     @property
     def options(self) -> dict[str, Any]:
         """The options set (not null), as ``TERMS[kind]`` takes them."""
         return {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
 
+    @property
+    def on_logits(self) -> bool:
+        """Computed by the logits engine (``losses.loss_sums``) rather than by ``run_term``."""
+        return self.kind in LOGIT_TERMS
+
+    @property
+    def uses_teacher(self) -> bool:
+        return TERMS[self.kind].teacher
+
     def model_outputs(self) -> tuple[str, ...]:
         """The ``encode(..., outputs=...)`` names this term needs (hidden states are always there)."""
-        return tuple(MODEL_OUTPUTS[i] for i in TERMS[self.kind].inputs if i != "hidden_states")
+        return tuple(MODEL_OUTPUTS[i] for i in TERMS[self.kind].inputs if i in MODEL_OUTPUTS and i != "hidden_states")
 
 
 def term_names(terms: Sequence[TermConfig]) -> list[str]:
@@ -671,8 +696,11 @@ def term_names(terms: Sequence[TermConfig]) -> list[str]:
     return [f"loss_{k}" if kinds.count(k) == 1 else f"loss_{k}_{kinds[:i].count(k)}" for i, k in enumerate(kinds)]
 
 
-def requested_outputs(terms: Sequence[TermConfig]) -> tuple[str, ...]:
-    """The model outputs every term together needs (for ``encode``)."""
+def requested_outputs(terms: Sequence[TermConfig], teacher: str | None = None) -> tuple[str, ...]:
+    """The model outputs the terms together need from the student (``teacher`` None) or from the
+    teacher of that name (for ``encode``)."""
+    if teacher is not None:
+        terms = [t for t in terms if t.uses_teacher and teacher in t.teacher]
     return tuple(dict.fromkeys(o for t in terms for o in t.model_outputs()))
 
 

@@ -268,3 +268,25 @@ def test_tiny_packing_benchmark_run(tmp_path):
     assert packed["sequences"] >= 2 * 8 and ref["updates"] == 2 and ref["micro_batch"] == 5
     assert ref["epoch_micro_batches"] == -(-res["train_sequences"] // 5)
     assert res["ratio"] == pytest.approx(jax_r["useful_tokens_per_s"] / ref_r["useful_tokens_per_s"], rel=1e-2)
+
+
+objectives = _load("objectives")
+
+
+@pytest.mark.slow
+def test_tiny_objectives_benchmark_run(tmp_path):
+    """The recipes' memory / time table at a tiny size: every recipe builds from its shipped config
+    (two teachers, TinyBERT's projections, MiniLMv2's relations, no teacher), trains a step, and its
+    row is what it measured (the compiled memory of its own step, its own step times)."""
+    out = tmp_path / "objectives.json"
+    names = ["distilbert", "two-teachers", "tinybert-general", "minilmv2", "mlm-only"]
+    report = objectives.main(["--shape", "tiny", "--steps", "2", "--recipes", ",".join(names), "--output", str(out)])
+    assert json.loads(out.read_text()) == report and list(report["recipes"]) == names
+    rows = report["recipes"]
+    for r in rows.values():
+        assert len(r["step_s"]) == 2 and r["tokens_per_s"] == pytest.approx(8 * 128 / np.median(r["step_s"]))
+        assert r["temp_mb"] > 0 and r["argument_mb"] > 0 and np.isfinite(r["loss"])
+    # A second teacher's params are arguments of the step; no teacher at all, none.
+    assert rows["two-teachers"]["argument_mb"] > rows["distilbert"]["argument_mb"] > rows["mlm-only"]["argument_mb"]
+    with pytest.raises(SystemExit):
+        objectives.main(["--recipes", "nope"])

@@ -125,10 +125,13 @@ def test_recipe_configs_and_lm_kind_errors():
 
     roberta = load_run_config("distilroberta-base")  # shipped configs, by name
     assert roberta.teacher.model == "roberta-base" and tuple(roberta.student.layers) == (0, 2, 4, 7, 9, 11)
-    assert (roberta.loss.alpha_ce, roberta.loss.alpha_mlm, roberta.loss.alpha_cos, roberta.loss.alpha_clm) == (5, 2, 1, 0)
+    assert [(t.kind, t.weight, t.temperature) for t in roberta.terms] == [("kl", 5, 2), ("mlm_ce", 2, None),
+                                                                          ("hidden_cos", 1, None)]
     gpt2 = load_run_config("configs/distilgpt2.yaml")
     assert gpt2.teacher.model == "gpt2" and gpt2.student.freeze_pos_embs
-    assert (gpt2.loss.alpha_ce, gpt2.loss.alpha_mlm, gpt2.loss.alpha_clm, gpt2.loss.alpha_cos) == (5, 0, 2, 1)
+    assert [(t.kind, t.weight) for t in gpt2.terms] == [("kl", 5), ("clm_ce", 2), ("hidden_cos", 1)]
+    for cfg in (roberta, gpt2):  # the shorthand off: nothing counts twice
+        assert (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_clm, cfg.loss.alpha_cos) == (0, 0, 0, 0)
     # The step refuses the other family's LM loss, in one line each.
     for kwargs, words in ((dict(causal=True), "alpha_clm"), (dict(loss=LossConfig(alpha_mlm=0.0, alpha_clm=1.0)),
                                                               "alpha_mlm")):
@@ -202,3 +205,26 @@ def test_sharded_step_equals_single_device(single_device_runs, family, mesh):
     jax.tree_util.tree_map_with_path(
         lambda path, a, b: np.testing.assert_allclose(a, b, atol=1e-5, err_msg=jax.tree_util.keystr(path)),
         params, ref_params)
+
+
+def test_gpt2_recipe_as_terms_equals_the_loss_section():
+    """configs/distilgpt2.yaml's objective (terms kl 5, clm_ce 2, hidden_cos 1, the alphas 0) and the
+    loss section's alpha_ce 5 / alpha_clm 2 / alpha_cos 1 give the same losses and updates on a tiny
+    GPT-2 pair (a 2-layer student of a 3-layer teacher), for two steps."""
+    from jaxdistil.distill.config import load_run_config
+
+    s_cfg, t_cfg, _, pad = FAMILIES["gpt2"]
+    recipe = load_run_config("distilgpt2")
+    optim = OptimConfig(learning_rate=1e-3, warmup_prop=0.0, total_steps=10)
+    section = stp.StepConfig(loss=LossConfig(alpha_ce=5.0, alpha_mlm=0.0, alpha_clm=2.0, alpha_cos=1.0, chunk_rows=64),
+                             optim=optim, causal=True)
+    terms = stp.StepConfig(loss=dataclasses.replace(recipe.loss, chunk_rows=64), terms=recipe.terms, optim=optim,
+                           causal=True)
+    a, b = (tiny.build(c, s_cfg, t_cfg, student_params=None) for c in (section, terms))
+    for i in range(2):
+        batch = fixed_batch(V, pad, rows=8, seed=i)
+        ma, mb = jax.device_get(a.step(batch)), jax.device_get(b.step(batch))
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5)
+        assert mb["loss_kl"] == pytest.approx(ma["loss_ce"], rel=1e-5)
+        assert mb["loss_clm_ce"] == pytest.approx(ma["loss_clm"], rel=1e-5)
+        assert mb["loss_hidden_cos"] == pytest.approx(ma["loss_cos"], rel=1e-5, abs=1e-7)

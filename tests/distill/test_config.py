@@ -28,12 +28,10 @@ def test_paper_recipe():
     cfg = load_run_config(CONFIGS / "distilbert-base-uncased.yaml")
     assert cfg.teacher.model == "bert-base-uncased"
     assert cfg.student.init == "teacher" and cfg.student.layers == (0, 2, 4, 7, 9, 11)
-    assert (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos, cfg.loss.temperature) == (
-        5.0,
-        2.0,
-        1.0,
-        2.0,
-    )
+    # The triple loss as terms (the loss section's alphas 0: nothing counts twice).
+    assert (cfg.loss.alpha_ce, cfg.loss.alpha_mlm, cfg.loss.alpha_cos, cfg.loss.alpha_mse) == (0, 0, 0, 0)
+    assert [(t.kind, t.weight) for t in cfg.terms] == [("kl", 5.0), ("mlm_ce", 2.0), ("hidden_cos", 1.0)]
+    assert cfg.terms[0].temperature == 2.0 and cfg.terms[0].rows == "all" and cfg.terms[2].layers is None
     assert (cfg.optim.learning_rate, cfg.optim.warmup_prop, cfg.optim.max_grad_norm) == (5e-4, 0.05, 5.0)
     assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps, cfg.optim.weight_decay) == (0.9, 0.98, 1e-6, 0.0)
     assert cfg.train.epochs == 3 and cfg.train.steps == 0 and cfg.train.seed == 56

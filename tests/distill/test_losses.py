@@ -409,3 +409,99 @@ def test_chunked_gradient_equals_torch_at_temperatures(temperature):
     np.testing.assert_allclose(np.asarray(g_hidden), hidden.grad.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(g_w), w.grad.numpy(), rtol=1e-4, atol=1e-5)
     assert float(np.abs(w.grad.numpy()).max()) > 1e-3
+
+
+def _torch_soft_targets(name, s, ts, mixture, temperature, beta):
+    """A soft target from the formula with torch.nn.functional, per row [n]: s [n, V], ts teachers'
+    logits; P = sum_k mixture_k softmax(t_k / T), Q = softmax(s / T)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    if name == "logits_mse":
+        return ((s - ts[0]) ** 2).sum(-1)
+    p = sum(w * F.softmax(t / temperature, -1) for t, w in zip(ts, mixture))
+    log_q = F.log_softmax(s / temperature, -1)
+    if name == "kl":
+        per_row = F.kl_div(log_q, p, reduction="none").sum(-1)
+    elif name == "reverse_kl":
+        per_row = F.kl_div(p.log(), log_q.exp(), reduction="none").sum(-1)
+    else:
+        q = log_q.exp()
+        m = beta * p + (1 - beta) * q
+        per_row = (beta * F.kl_div(m.log(), p, reduction="none").sum(-1)
+                   + (1 - beta) * F.kl_div(m.log(), q, reduction="none").sum(-1))
+    return per_row * temperature**2
+
+
+@pytest.mark.parametrize("path", ["plain", "chunked", "gathered"])
+def test_soft_targets_with_teacher_mixtures_equal_torch(path):
+    """The engine's soft targets (``loss_sums(..., soft=...)``: reverse KL, JSD, logits MSE and a KL
+    from a mixture of two teachers, on all rows or the masked ones) against torch autograd of their
+    formulas: every mean and the gradient of their weighted total with respect to the student's
+    hidden states and head, on one block, in chunks, and on gathered masked rows."""
+    torch = pytest.importorskip("torch")
+    from jaxdistil.distill.losses import SoftTarget
+
+    masked_only = path == "gathered"
+    rows = "masked" if masked_only else "all"
+    soft = (SoftTarget("reverse_kl", temperature=1.5, rows=rows),
+            SoftTarget("jsd", (1,), temperature=2.5, beta=0.3, rows=rows),
+            SoftTarget("logits_mse", (1,), rows="masked"),
+            SoftTarget("kl", (0, 1), (0.25, 0.75), temperature=2.0, rows=rows))
+    weights = (0.7, 1.3, 0.01, 2.0)
+    cfg = LossConfig(alpha_ce=0.0, alpha_mlm=1.0, alpha_cos=0.0, chunk_rows={"plain": None}.get(path, 5),
+                     restrict_ce_to_mask=masked_only)
+    sh, th, am, labels = _batch(seed=3, n_masked=8)
+    th2 = (0.3 * th + np.random.default_rng(5).normal(size=th.shape)).astype(np.float32)
+    ws, wt, bs = _linear_heads(seed=6)
+    wt2 = _linear_heads(seed=7)[1]
+    counts = loss_counts(labels, am, cfg)
+    max_rows = 9 if masked_only else None
+
+    def ours(hidden, w):
+        sums = loss_sums(hidden, (th, th2), lambda h: h @ w + bs, (lambda h: h @ wt, lambda h: h @ wt2), labels, am,
+                         cfg, max_rows=max_rows, soft=soft)
+        means = [sums[f"soft{i}_sum"] / counts["mlm_rows" if s.rows == "masked" else "cos_rows"]
+                 for i, s in enumerate(soft)]
+        return sum(c * m for c, m in zip(weights, means)), means
+
+    (value, means), (g_hidden, g_w) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(sh, ws)
+
+    hidden = torch.from_numpy(sh).double().requires_grad_()
+    w = torch.from_numpy(ws).double().requires_grad_()
+    s = hidden @ w + torch.from_numpy(bs).double()
+    ts = (torch.from_numpy(th).double() @ torch.from_numpy(wt).double(),
+          torch.from_numpy(th2).double() @ torch.from_numpy(wt2).double())
+    sel = {"all": torch.from_numpy(am).bool(), "masked": torch.from_numpy(labels != -100)}
+    ref_means = []
+    for spec in soft:
+        m = sel[spec.rows]
+        per_row = _torch_soft_targets(spec.kind, s[m], [ts[i][m] for i in spec.teachers], spec.mixture,
+                                      spec.temperature, spec.beta)
+        ref_means.append(per_row.mean())
+    ref = sum(c * m for c, m in zip(weights, ref_means))
+    ref.backward()
+    for got, want in zip(means, ref_means):
+        np.testing.assert_allclose(float(got), want.item(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(value), ref.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_hidden), hidden.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_w), w.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_soft_targets_leave_the_section_alone():
+    """Soft targets added to a loss section with alpha_ce > 0: the section's sums are the ones
+    without them (the same blocks of logits serve both), and with alpha_ce = 0 the section's KL
+    is not computed (ce_sum 0)."""
+    from jaxdistil.distill.losses import SoftTarget
+
+    sh, th, am, labels = _batch(seed=2)
+    ws, wt, bs = _linear_heads(seed=2)
+    heads = (lambda h: h @ ws + bs, lambda h: h @ wt)
+    cfg = LossConfig(alpha_mse=1.0, chunk_rows=7)
+    alone = loss_sums(sh, th, *heads, labels, am, cfg)
+    both = loss_sums(sh, th, *heads, labels, am, cfg, soft=(SoftTarget("kl", temperature=cfg.temperature),))
+    for key in ("ce_sum", "mlm_sum", "cos_sum", "mse_sum", "mlm_correct"):
+        np.testing.assert_allclose(float(both[key]), float(alone[key]), rtol=1e-6)
+    np.testing.assert_allclose(float(both["soft0_sum"]), float(alone["ce_sum"]), rtol=1e-6)  # the same KL
+    off = loss_sums(sh, th, *heads, labels, am, LossConfig(alpha_ce=0.0),
+                    soft=(SoftTarget("jsd"),))
+    assert float(off["ce_sum"]) == 0.0 and float(off["soft0_sum"]) > 0
