@@ -11,7 +11,7 @@ step over ``--steps`` timed steps after one warm-up step; the recipes are timed 
 round, so a slow phase of the machine touches them all.
 
   python benchmarks/objectives.py                      # the table of docs/objectives.md
-  python benchmarks/objectives.py --shape tiny --steps 1 --output /tmp/o.json   # seconds (tests)
+  python benchmarks/objectives.py --shape tiny --steps 1 --output objectives-tiny.json   # seconds (tests)
 
 Figures go to ``benchmarks/results/objectives_cpu.json``.
 """
@@ -76,7 +76,7 @@ def _shapes(cfg, shape: str):
 
     if shape == "tiny":
         teacher = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=128, max_position_embeddings=64)
+                             intermediate_size=128, max_position_embeddings=128)
     else:
         teacher = BertConfig()  # bert-base-uncased's shape
     student = student_shape(cfg, teacher, teacher.vocab_size, 0)
@@ -84,7 +84,7 @@ def _shapes(cfg, shape: str):
         import dataclasses
 
         small = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64,
-                 "n_layers": 1, "dim": 32, "n_heads": 4, "hidden_dim": 64, "max_position_embeddings": 64}
+                 "n_layers": 1, "dim": 32, "n_heads": 4, "hidden_dim": 64, "max_position_embeddings": 128}
         student = dataclasses.replace(student, **{k: v for k, v in small.items() if hasattr(student, k)})
     return (teacher if cfg.teacher.model else None), [teacher for _ in cfg.teachers], student
 

@@ -75,7 +75,17 @@ def test_the_extraction_sees_the_commands():
 
 def _optional_brackets(words: list[str]) -> list[str]:
     """``[--dtype bf16] [--force]`` (the README's optional arguments) -> the arguments themselves."""
-    return [w.strip("[]") for w in words if w.strip("[]")]
+    out = []
+    for word in words:
+        if word.startswith("[-") and word.endswith("]"):
+            word = word[1:-1]  # [--force]
+        while word.startswith("[") and word.count("[") > word.count("]"):
+            word = word[1:]
+        while word.endswith("]") and word.count("]") > word.count("["):
+            word = word[:-1]
+        if word:
+            out.append(word)
+    return out  # brackets inside a value (terms=[{kind: kl}]) are balanced and stay
 
 
 def _demo_writes() -> set[str]:

@@ -146,7 +146,19 @@ def test_committed_sample_report_is_its_runs_metrics():
     assert (SAMPLE / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     t = report["teacher"]
     assert t["mask_accuracy"] >= 3 * t["mask_baseline"]
-    assert report["wall_time_s"] <= 15 * 60 and report["stage_seconds_total"] <= 15 * 60
+    # The default demo's stages fit 15 minutes; an --objectives sample adds, per objective row, its
+    # runs and fine-tunings, each row costing no more than 1.5x the distilled row's.
+    from jaxdistil.demo import OBJECTIVES
+
+    def row_seconds(name: str) -> float:
+        return sum(v for k, v in report["stage_seconds"].items()
+                   if k.removeprefix("finetune-").rsplit("-s", 1)[0] == name)
+
+    rows = [n for n in OBJECTIVES if n in report["students"]]
+    extra = sum(row_seconds(n) for n in rows)
+    assert report["stage_seconds_total"] - extra <= 15 * 60
+    assert all(row_seconds(n) <= 1.5 * row_seconds("distilled") for n in rows)
+    assert report["wall_time_s"] <= 15 * 60 + extra + 60
     assert report["stage_seconds_total"] == pytest.approx(sum(report["stage_seconds"].values()), abs=0.1)
 
 

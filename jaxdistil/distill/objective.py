@@ -453,7 +453,7 @@ class DistillObjective:
     ``cfg.teachers[1:]`` (the run config's ``teachers:`` list), in order.
     consts: {"teacher": the teacher's params (None in MLM-only mode), "teachers": a tuple of the
     extra teachers' params, "token_weights": [V] float32 masking weights (0 for special tokens)}.
-    metrics: "loss", "loss_ce" (unless alpha_ce = 0 with terms: then not computed),
+    metrics: "loss", "loss_ce" (not computed without a teacher, nor when alpha_ce = 0 with terms),
     "loss_mlm", "loss_cos", "loss_mse", "mlm_accuracy" (and "loss_clm" for causal LMs), one
     "loss_<kind>" per configured term (``terms.term_names``); totals: real and masked tokens.
     """
@@ -499,6 +499,8 @@ class DistillObjective:
         total, metrics = combine_losses(sums, counts, self.cfg.loss)
         if not self.with_ce:
             metrics.pop("loss_ce")
+        if self.cfg.causal and "loss_clm" not in metrics:  # terms: clm_ce, alpha_clm = 0: still L_clm
+            metrics["loss_clm"], metrics["loss_mlm"] = metrics["loss_mlm"], jnp.zeros_like(metrics["loss_mlm"])
         for i, (term, name) in enumerate(zip(self.cfg.terms, self.term_names)):
             if term.kind in terms_lib.HARD_TERMS:
                 total_sum, count = sums["mlm_sum"], counts["mlm_rows"]

@@ -196,6 +196,9 @@ class Embeddings(nn.Module):
 
     def __call__(self, input_ids, position_ids, token_type_ids, deterministic: bool):
         offset = self.cfg.position_offset
+        if input_ids.shape[-1] > self.cfg.max_tokens:  # a gather past the table reads NaN, silently
+            raise UserError(f"rows of {input_ids.shape[-1]} tokens exceed the model's {self.cfg.max_tokens} "
+                            "positions; shorten the rows (loader.max_len) or use a model with more positions")
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids + offset if offset else position_ids)
         if self.cfg.token_types:
             x = x + self.token_type_embeddings(token_type_ids)

@@ -219,15 +219,19 @@ def abstract_arguments(built: DistillStep, setup: StudySetup) -> tuple[Any, Any,
     def placed(tree, shardings):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
+    def abstract_params(model, shardings):
+        return placed(jax.eval_shape(lambda r: init_params(model, r), jax.random.PRNGKey(0)), shardings)
+
     teacher = None
     if built.teacher is not None:
-        shapes = jax.eval_shape(lambda r: init_params(built.teacher, r), jax.random.PRNGKey(0))
-        teacher = placed(shapes, built.teacher_shardings)
+        teacher = abstract_params(built.teacher, built.teacher_shardings)
+    extra = tuple(abstract_params(m, s) for m, s in zip(built.extra_teachers, built.extra_teacher_shardings,
+                                                        strict=True))
     rows = shd.batch_sharding(built.mesh)
     batch = {k: jax.ShapeDtypeStruct((setup.batch, setup.seq), np.int32, sharding=rows)
              for k in ("input_ids", "attention_mask")}
     weights = jax.ShapeDtypeStruct((setup.student.vocab_size,), np.float32, sharding=shd.replicated(built.mesh))
-    return built.abstract_state, teacher, batch, {"teacher": teacher, "token_weights": weights}
+    return built.abstract_state, teacher, batch, {"teacher": teacher, "teachers": extra, "token_weights": weights}
 
 
 def model_flops_per_step(setup: StudySetup) -> float:
@@ -259,7 +263,9 @@ def measure_strategy(setup: StudySetup, sizes: Mapping[str, int], devices: list,
             teacher_params = built.random_teacher(key_teacher) if built.teacher is not None else None
         notes += [n for n in _split_notes(caught) if n not in notes]
         batches = [built.shard_batch(b) for b in host_batches]
-        consts = built.consts(teacher_params, token_weights(setup.student.vocab_size))
+        extra = [built.random_teacher(k, i + 1) for i, k in
+                 enumerate(jax.random.split(key_teacher, len(built.extra_teachers) + 1)[1:])]
+        consts = built.consts(teacher_params, token_weights(setup.student.vocab_size), extra)
         device_bytes = max_device_bytes
     with captured_stderr() as xla_log:
         t0 = time.perf_counter()

@@ -166,7 +166,7 @@ def test_mlm_only_learning_curve(pretrained_teacher):
     t, losses, metrics = pretrained_teacher
     assert int(t.state.step) == 100
     assert losses[-1] <= 0.5 * losses[0], (losses[0], losses[-1])
-    assert float(metrics["loss_ce"]) == 0.0 and float(metrics["loss_cos"]) == 0.0
+    assert "loss_ce" not in metrics and float(metrics["loss_cos"]) == 0.0  # no teacher: no KL computed
     assert float(metrics["mlm_accuracy"]) > 0.3
 
 

@@ -41,3 +41,32 @@ def test_activations():
     np.testing.assert_allclose(activation_fn("relu")(x), [0.0, 0.5])
     with pytest.raises(ValueError, match="unsupported activation"):
         activation_fn("swish")
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2"])
+def test_rows_longer_than_the_position_table_are_refused(family):
+    """An embedding gather past the position table reads NaN without error; the model refuses it
+    at trace time instead, naming the limit (RoBERTa's offset counted)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdistil.errors import UserError
+    from jaxdistil.models import build_model, configs, init_params
+
+    make = {"bert": lambda: configs.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32,
+                                                max_position_embeddings=8),
+            "roberta": lambda: configs.RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=32,
+                                                      max_position_embeddings=10),
+            "distilbert": lambda: configs.DistilBertConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2,
+                                                            hidden_dim=32, max_position_embeddings=8),
+            "gpt2": lambda: configs.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=8)}
+    cfg = make[family]()
+    assert cfg.max_tokens == 8
+    model = build_model(cfg)
+    params = init_params(model, jax.random.PRNGKey(0))
+    ok = model.apply({"params": params}, jnp.ones((1, 8), jnp.int32), method="encode")
+    assert jnp.isfinite(jax.tree.leaves(ok)[0]).all()
+    with pytest.raises(UserError, match="9 tokens exceed the model's 8 positions"):
+        model.apply({"params": params}, jnp.ones((1, 9), jnp.int32), method="encode")
