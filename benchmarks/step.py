@@ -325,26 +325,33 @@ def build_jax_step(teacher_cfg, student_cfg, batch: dict, token_weights, dtype: 
     import jax
 
     from jaxdistil.distill.builder import DistillStep, StepSpec
-    from jaxdistil.distill.losses import LossConfig
-    from jaxdistil.distill.objective import StepConfig
     from jaxdistil.training import sharding as shd
-    from jaxdistil.training.optim import OptimConfig
 
     if not dropout:
         student_cfg = _no_dropout(student_cfg)
+    cfg = step_config(student_cfg, mask_id, dtype, restrict)
+    built = DistillStep(StepSpec(student_cfg, teacher_cfg, cfg, shd.MeshConfig(data=1)), devices=jax.devices()[:1])
+    state = built.init_state(jax.random.PRNGKey(1))
+    t_params = built.random_teacher(jax.random.PRNGKey(0))
+    return built.train_step, state, (built.shard_batch(batch), built.consts(t_params, token_weights))
+
+
+def step_config(student_cfg, mask_id: int | None = MASK_ID, dtype: str = "fp32", restrict: bool = False):
+    """The benchmarked recipe as a StepConfig: the triple loss over all attention-mask rows (L_clm
+    instead of L_mlm for a causal student), AdamW (0.9, 0.98, eps 1e-6), clipping at 5, warm-up then decay."""
+    from jaxdistil.distill.losses import LossConfig
+    from jaxdistil.distill.objective import StepConfig
+    from jaxdistil.training.optim import OptimConfig
+
     causal = student_cfg.causal
     lm = {"alpha_mlm": 0.0, "alpha_clm": ALPHA_CLM} if causal else {"alpha_mlm": ALPHA_MLM}
-    cfg = StepConfig(
+    return StepConfig(
         loss=LossConfig(temperature=TEMPERATURE, alpha_ce=ALPHA_CE, alpha_cos=ALPHA_COS,
                         restrict_ce_to_mask=restrict, **lm), causal=causal,
         optim=OptimConfig(learning_rate=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY,
                           max_grad_norm=MAX_GRAD_NORM, warmup_prop=WARMUP_STEPS / TOTAL_STEPS,
                           total_steps=TOTAL_STEPS),
         mask_id=-1 if mask_id is None else mask_id, dtype="bfloat16" if dtype == "bf16" else "float32")
-    built = DistillStep(StepSpec(student_cfg, teacher_cfg, cfg, shd.MeshConfig(data=1)), devices=jax.devices()[:1])
-    state = built.init_state(jax.random.PRNGKey(1))
-    t_params = built.random_teacher(jax.random.PRNGKey(0))
-    return built.train_step, state, (built.shard_batch(batch), built.consts(t_params, token_weights))
 
 
 def _no_dropout(cfg):

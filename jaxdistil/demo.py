@@ -106,12 +106,16 @@ OBJECTIVES = {
 class DemoOptions:
     """What ``demo`` runs. steps: None = configs/demo.yaml's; finetune_epochs: passes over the
     downstream task's training split; ablation: add the random-init students; objectives: names of
-    ``OBJECTIVES`` to add a row for (``--objectives``: all of them)."""
+    ``OBJECTIVES`` to add a row for (``--objectives``: all of them); cache: top-k sizes K of teacher
+    caches (``jaxdistil cache-teacher``) to distil a ``cached_k<K>`` row from, the distilled row's
+    recipe with the cache's renormalised top-k targets in place of the online teacher."""
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.objectives if k not in OBJECTIVES]
         if unknown:
             raise UserError(f"unknown demo objective {unknown[0]!r}; the objectives are {', '.join(OBJECTIVES)}")
+        if any(k < 1 for k in self.cache) or len(set(self.cache)) != len(self.cache):
+            raise UserError(f"--cache {','.join(map(str, self.cache))}: give distinct top-k sizes >= 1, e.g. 8,32,128")
 
     output: str | Path = "demo-out"
     teacher: str | Path = TEACHER
@@ -121,6 +125,19 @@ class DemoOptions:
     ablation: bool = False
     export: bool = True
     objectives: tuple[str, ...] = ()
+    cache: tuple[int, ...] = ()
+
+
+def cache_kind(k: int) -> str:
+    return f"cached_k{k}"
+
+
+def describe(kind: str) -> str:
+    """What a row's runs are (a stage's description)."""
+    if kind.startswith("cached_k"):
+        return (f"the distilled recipe from a teacher cache of the top {kind[len('cached_k'):]} logits "
+                "(bfloat16), no teacher in the step")
+    return KINDS[kind]
 
 
 def run_name(kind: str, seed: int) -> str:
@@ -261,7 +278,7 @@ def demo(options: DemoOptions = DemoOptions()) -> dict[str, Any]:
     stages = Stages(out)
     data_dir, init_dir = out / "data", out / "copied"
     kinds = (["distilled", "mlm_only"] + (["random_init"] if options.ablation else [])
-             + [k for k in OBJECTIVES if k in options.objectives])
+             + [k for k in OBJECTIVES if k in options.objectives] + [cache_kind(k) for k in options.cache])
 
     stages.run("data", "the built-in corpus tokenized with the teacher's tokenizer, its held-out documents kept",
                lambda: prepare(PrepareConfig("builtin:python-docs", str(teacher_dir), data_dir, max_len=MAX_LEN,
@@ -288,18 +305,30 @@ def demo(options: DemoOptions = DemoOptions()) -> dict[str, Any]:
                 over += ["teacher.model=null", f"student.init={init_dir}", "terms=[{kind: mlm_ce, weight: 2.0}]"]
             elif kind in OBJECTIVES:
                 over += [f"teacher.model={teacher_dir}", f"student.init={init_dir}", f"terms={OBJECTIVES[kind]}"]
+            elif kind.startswith("cached_k"):
+                k = int(kind[len("cached_k"):])
+                over += [f"teacher.model={teacher_dir}", f"student.init={init_dir}"]
+                cache_dir, note = out / "caches" / f"k{k}-s{seed}", out / "caches" / f"k{k}-s{seed}.json"
+                stages.run(f"cache-k{k}-s{seed}", f"the teacher's top {k} logits and last hidden states on the "
+                           f"distilled run's batches and masks, seed {seed}",
+                           lambda c=load_run_config(CONFIG, over), d=cache_dir, n=note, k=k: _write_cache(c, d, n, k),
+                           note)
+                over.append(f"teacher.cache={cache_dir}")
             else:
                 over += [f"teacher.model={teacher_dir}"] + _random_init_overrides(init_dir)
             cfg = load_run_config(CONFIG, over)
-            stages.run(name, f"{KINDS[kind]}, seed {seed}, {cfg.train.steps} steps",
+            stages.run(name, f"{describe(kind)}, seed {seed}, {cfg.train.steps} steps",
                        lambda cfg=cfg: _finished(train(cfg)), out / "runs" / name / "metrics.jsonl")
 
     models = {"teacher": teacher_dir, "copied": init_dir}
     models.update({run_name(k, s): out / "runs" / run_name(k, s) for k in kinds for s in options.seeds})
     stages.run("ood-data", "the out-of-domain text (numpy's docstrings) tokenized with the teacher's tokenizer",
                lambda: _prepare_ood(teacher_dir, out), out / "ood" / "data" / MANIFEST_NAME)
+    scored = out / "ood.json"
+    if scored.is_file() and set(models) - set(json.loads(scored.read_text())["scores"]):
+        scored.unlink()  # rows added since (a rerun with --objectives, --cache): score every model again
     stages.run("ood", "every model's [MASK] accuracy on the out-of-domain text", lambda: _score_ood(models, out),
-               out / "ood.json")
+               scored)
     ft_over = [f"train.max_len={FINETUNE_MAX_LEN}", f"train.epochs={options.finetune_epochs}", "logging.progress=true"]
     for name, source in models.items():
         cfg = load_finetune_config(FINETUNE_CONFIG, ft_over + [f"run_dir={out / 'finetune' / name}", f"model={source}",
@@ -419,12 +448,46 @@ def build_report(out: Path, options: DemoOptions, kinds: list[str], stages: Stag
                    if export and export.get("verified") else (export or {}).get("note", "skipped")),
         "machine": {"platform": jax.devices()[0].platform, "devices": jax.device_count(), "cpus": os.cpu_count(),
                     "processor": _processor()},
+        "cache": cache_report(out, kinds, seeds),
         "stage_seconds": dict(stages.seconds),
         "reused_stages": list(stages.reused),
         "wall_time_s": round(wall, 1),  # this invocation (reused stages cost nothing)
         "stage_seconds_total": round(sum(stages.seconds.values()), 1),  # what the stages took when they ran
     }
     report["headline"] = headline(report)
+    return report
+
+
+def _write_cache(cfg: Any, cache_dir: Path, note: Path, k: int) -> None:
+    """A teacher cache of the run config ``cfg`` (bfloat16, top k), and its note (size, time)."""
+    from jaxdistil.cache_teacher import cache_teacher
+
+    result = cache_teacher(  # (an interrupted stage: the writer keeps its finished chunks)
+        cfg, cache_dir, top_k=k, dtype="bfloat16", log=print, progress=True)
+    note.write_text(json.dumps({"top_k": result.top_k, "steps": result.steps, "bytes": result.bytes,
+                                "bytes_per_token": result.bytes_per_token, "seconds": result.seconds}) + "\n")
+
+
+def train_seconds(records: list[dict]) -> float:
+    """Seconds a run spent in its training steps: each logged interval's tokens / tokens per second."""
+    return sum(r["tokens"] / r["tokens_per_s"] for r in records if r.get("tokens_per_s"))
+
+
+def cache_report(out: Path, kinds: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Per cached row: the cache's size and writing time, and the training seconds of its runs against
+    the online distilled runs of the same seeds (what the teacher cost in each run)."""
+    report = {}
+    for kind in (k for k in kinds if k.startswith("cached_k")):
+        k = int(kind[len("cached_k"):])
+        notes = [json.loads((out / "caches" / f"k{k}-s{seed}.json").read_text()) for seed in seeds]
+        online = [train_seconds(read_metrics(out / "runs" / run_name("distilled", s))["train"]) for s in seeds]
+        cached = [train_seconds(read_metrics(out / "runs" / run_name(kind, s))["train"]) for s in seeds]
+        saved = statistics.mean(o - c for o, c in zip(online, cached))
+        write = statistics.mean(n["seconds"] for n in notes)
+        report[kind] = {"top_k": k, "bytes_per_token": notes[0]["bytes_per_token"],
+                        "cache_mb": statistics.mean(n["bytes"] for n in notes) / 2**20, "write_s": write,
+                        "online_train_s": statistics.mean(online), "cached_train_s": statistics.mean(cached),
+                        "saved_per_run_s": saved, "pays_after_runs": write / saved if saved > 0 else None}
     return report
 
 
@@ -518,6 +581,19 @@ def headline(report: dict[str, Any]) -> str:
             rows.append(f"{k} {figures(st[k])} (the distilled student ahead beyond the seed spread on "
                         f"{', '.join(ahead) or 'nothing'}; behind on {', '.join(behind) or 'nothing'})")
         lines.append("Other objectives, same init, budget, data and masks: " + "; ".join(rows) + ".")
+    cached = [k for k in st if k.startswith("cached_k")]
+    if cached:
+        rows = []
+        for k in cached:
+            x, c = cmp[f"distilled_vs_{k}"], report["cache"][k]
+            differ = [name for key, name in metrics if x[key]["beyond_spread"]]
+            pays = (f"pays after {c['pays_after_runs']:.1f} students" if c["pays_after_runs"]
+                    else "saves nothing here")
+            rows.append(f"top {c['top_k']}: {figures(st[k])} ({'differs from the online teacher beyond the seed spread on ' + ', '.join(differ) if differ else 'within the seed spread of the online teacher'}; "
+                        f"{c['bytes_per_token']:.0f} bytes per token, written in {c['write_s']:.1f} s, "
+                        f"{c['saved_per_run_s']:.1f} s saved per run of {c['online_train_s']:.1f} s: {pays})")
+        lines.append("Distilled from a teacher cache (renormalised top-k targets, bfloat16), same runs otherwise: "
+                     + "; ".join(rows) + ".")
     return " ".join(lines)
 
 
@@ -592,6 +668,7 @@ def format_report(report: dict[str, Any]) -> str:
 # ---- the committed sample: what the report is built from, with no machine's directories in it
 
 PUBLISHED = ("report.json", "report.png", "stages.json", "speed.json", "export.json", "ood.json")
+PUBLISHED_GLOBS = ("caches/*.json",)  # the teacher caches' notes (not the caches)
 PUBLISHED_RUN_FILES = ("metrics.jsonl", "config.yaml", "model/config.json")
 
 
@@ -604,6 +681,7 @@ def publish(out: str | Path, dest: str | Path) -> list[Path]:
     if not (out / "report.json").is_file():
         raise UserError(f"{out} holds no demo report (report.json); run `jaxdistil demo --output {out}` first")
     files = [out / name for name in PUBLISHED if (out / name).is_file()]
+    files += sorted(p for pattern in PUBLISHED_GLOBS for p in out.glob(pattern))
     for group in ("runs", "finetune"):
         for run in sorted((out / group).iterdir()) if (out / group).is_dir() else []:
             files += [run / name for name in PUBLISHED_RUN_FILES if (run / name).is_file()]

@@ -32,11 +32,12 @@ import jax
 from jaxdistil import distributed, students
 from jaxdistil.data import loader as loader_lib
 from jaxdistil.data import manifest as manifest_lib
-from jaxdistil.data.global_batches import ShardedBatches
+from jaxdistil.data.global_batches import ShardedBatches, process_rows
 from jaxdistil.distill import run_files
 from jaxdistil.distill.builder import DistillStep, run_step_spec
 from jaxdistil.distill.config import RunConfig
 from jaxdistil.distill.evaluation import HeldOut, HeldOutEvaluator
+from jaxdistil.distill.teacher_cache import CachedBatches, TeacherCache, check_terms, params_sha256, run_identity
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES, attention
 from jaxdistil.models.flops import forward_flops_per_token, train_flops_per_token
@@ -87,6 +88,23 @@ def check_student(cfg: RunConfig, student_cfg: Any, manifest: dict) -> None:
                         f"{student_cfg.max_tokens} positions; lower loader.max_len")
 
 
+def run_batches(cfg: RunConfig, manifest: dict, built: DistillStep) -> ShardedBatches:
+    """The run's training batches: one loader batch from each data shard; this process reads the
+    shards whose rows its devices hold, all processes pad to one length
+    (``jaxdistil.data.global_batches``). A teacher cache iterates the same batches."""
+    special = manifest["tokenizer"]["special_ids"]
+    return ShardedBatches(
+        lambda i, n: loader_lib.make_loader(manifest, "train", cfg.loader, shard_index=i, shard_count=n),
+        distributed.num_data_shards(cfg.distributed), cfg.loader.batch_size, shd.batch_sharding(built.mesh),
+        {"input_ids": int(special["pad"])})
+
+
+def local_rows(cfg: RunConfig, built: DistillStep) -> slice:
+    """The rows of every global batch that this process supplies (and a teacher cache holds for it)."""
+    global_rows = cfg.loader.batch_size * distributed.num_data_shards(cfg.distributed)
+    return process_rows(shd.batch_sharding(built.mesh), global_rows)
+
+
 def train(cfg: RunConfig, log=print, force_unlock: bool = False) -> TrainResult:
     """Runs (or resumes) the training described by ``cfg`` (see the module doc).
 
@@ -117,12 +135,17 @@ def _run(cfg: RunConfig, run_dir: Path, manifest: dict, say) -> TrainResult:
     run_files.check_run_dir(run_dir, cfg, student_cfg)
     data_shards = distributed.num_data_shards(cfg.distributed)
     total_steps = total_steps_for(cfg, manifest)
-    special = manifest["tokenizer"]["special_ids"]
     mask_id = manifest_lib.mask_token_id(manifest, causal=student_cfg.causal)
     spec = run_step_spec(cfg, student_cfg, teacher.config if teacher else None, mask_id, total_steps,
                          extra_teachers=[t.config for t in extra_teachers])
     built = DistillStep(spec)
     shd.check_batch(cfg.loader.batch_size * data_shards, built.mesh, cfg.optim.grad_accum_steps)
+    cache = None
+    if cfg.teacher.cache:  # checked before anything is written: a cache of another run is refused
+        cache = TeacherCache(cfg.teacher.cache)
+        cache.check(run_identity(cfg, manifest, params_sha256(teacher.params), spec.step), total_steps,
+                    local_rows(cfg, built))
+        check_terms(spec.step, cache.top_k, student_cfg.vocab_size, cache.has_hidden)
 
     # ---- state: resume own checkpoint > teacher layers / given model > random
     ckpt = RunCheckpointer(run_dir, cfg.checkpoint)
@@ -140,22 +163,24 @@ def _run(cfg: RunConfig, run_dir: Path, manifest: dict, say) -> TrainResult:
     say(f"{param_count(built.abstract_state.params) / 1e6:.2f}M student params; mesh {dict(built.mesh.shape)}; "
         f"{total_steps} steps of {cfg.loader.batch_size * data_shards} sequences; run dir {run_dir}")
 
-    # ---- data: one loader batch from each data shard; this process reads the shards whose rows
-    # its devices hold, all processes pad to one length (jaxdistil.data.global_batches)
-    train_iter = ShardedBatches(
-        lambda i, n: loader_lib.make_loader(manifest, "train", cfg.loader, shard_index=i, shard_count=n),
-        data_shards, cfg.loader.batch_size, shd.batch_sharding(built.mesh), {"input_ids": int(special["pad"])})
+    # ---- data (run_batches); with teacher.cache, each batch with its update's cached teacher outputs
+    train_iter = run_batches(cfg, manifest, built)
     if restored is not None and restored.data_states is not None:
         train_iter.set_state(restored.data_states)
-    consts = built.consts(teacher_params, manifest_lib.token_weights(manifest, cfg.masking.mlm_smoothing),
+    if cache is not None:
+        train_iter = CachedBatches(train_iter, cache, local_rows(cfg, built), start_step)
+        say(f"teacher: read from the cache {cache.path} (top {cache.top_k} logits), not run")
+    consts = built.consts(None if cfg.teacher.cache else teacher_params,
+                          manifest_lib.token_weights(manifest, cfg.masking.mlm_smoothing),
                           built.place_extra_teachers([t.params for t in extra_teachers]))
 
     # ---- the loop: log -> evaluate -> checkpoint after every step; SIGTERM / Ctrl-C save and stop
     peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else measure_peak_flops(spec.step.compute_dtype)
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard, start_step if restored else None,
                            distributed.is_main_process())
+    run_teacher = None if cache is not None else spec.teacher  # a cached teacher runs no forward (MFU)
     train_log = TrainLog(writer, total_steps, start_step,
-                         lambda t: train_flops_per_token(student_cfg, spec.teacher, t)
+                         lambda t: train_flops_per_token(student_cfg, run_teacher, t)
                          + sum(forward_flops_per_token(c, t) for c in spec.extra_teachers), peak * jax.device_count(),
                          cfg.logging.progress, combine=built.objective.combine, totals=built.objective.totals)
     hooks: list[Any] = [Log(train_log, cfg.train.log_every)]

@@ -105,7 +105,7 @@ def check(argv: list[str]) -> None:
         value = word.split("=", 1)[-1]
         if value.startswith("demo-out/"):
             assert value.split("/")[1] in _demo_writes(), f"{value}: `jaxdistil demo` writes no such path"
-    if name == "train":
+    if name in ("train", "cache-teacher"):
         from jaxdistil.distill.config import load_run_config
 
         load_run_config(args.config, args.overrides)

@@ -96,6 +96,18 @@ def check_report(report: dict, root: Path) -> None:
     assert ("does not beat" in report["headline"]) == (not helped)
     assert report["speed"]["speedup"] == pytest.approx(
         report["speed"]["teacher_forward_ms"] / report["speed"]["student_forward_ms"])
+    # The teacher caches: their notes, and the training seconds of the cached and online runs.
+    def train_s(run: str) -> float:
+        return sum(r["tokens"] / r["tokens_per_s"] for r in _records(root / "runs" / run / "metrics.jsonl")
+                   if r["kind"] == "train")
+
+    assert set(report["cache"]) == {k for k in students if k.startswith("cached_k")}
+    for kind, c in report["cache"].items():
+        notes = [json.loads((root / "caches" / f"k{c['top_k']}-s{s}.json").read_text()) for s in seeds]
+        assert c["write_s"] == pytest.approx(statistics.fmean(n["seconds"] for n in notes))
+        saved = [train_s(f"distilled-s{s}") - train_s(f"cached-k{c['top_k']}-s{s}") for s in seeds]
+        assert c["saved_per_run_s"] == pytest.approx(statistics.fmean(saved))
+        assert f"top {c['top_k']}: {students[kind]['mask_accuracy']:.1%}" in report["headline"]
 
 
 # Dropout fields of the two families the demo fine-tunes (BERT's head uses its hidden dropout).
@@ -129,8 +141,11 @@ def check_fair_students(runs: Path, seeds: list[int]) -> None:
         assert cfgs["distilled"]["teacher"]["model"] and cfgs["mlm-only"]["teacher"]["model"] is None
         assert [t["kind"] for t in cfgs["mlm-only"]["terms"]] == ["mlm_ce"]
         assert {t["kind"] for t in cfgs["distilled"]["terms"]} == {"kl", "hidden_cos"}
-        for cfg in cfgs.values():
+        for kind, cfg in cfgs.items():
             assert cfg["loss"]["alpha_ce"] == cfg["loss"]["alpha_mlm"] == cfg["loss"]["alpha_cos"] == 0
+            # A cached row reads its own seed's cache (and only it does): the teacher's outputs on its masks.
+            assert (cfg["teacher"].pop("cache", None) or "").endswith(f"k{kind[len('cached-k'):]}-s{seed}") \
+                == kind.startswith("cached-k")
             cfg.pop("run_dir"), cfg.pop("terms"), cfg["teacher"].pop("model")
             cfg["train"].pop("eval_every")  # the first run also scores the teacher and the init at step 0
         base = cfgs["distilled"]
@@ -150,11 +165,12 @@ def test_committed_sample_report_is_its_runs_metrics():
     # runs and fine-tunings, each row costing no more than 1.5x the distilled row's.
     from jaxdistil.demo import OBJECTIVES
 
-    def row_seconds(name: str) -> float:
+    def row_seconds(name: str) -> float:  # a row's runs, fine-tunings and teacher caches
         return sum(v for k, v in report["stage_seconds"].items()
-                   if k.removeprefix("finetune-").rsplit("-s", 1)[0] == name)
+                   if k.removeprefix("finetune-").replace("cache-k", "cached-k").rsplit("-s", 1)[0] == name)
 
     rows = [n for n in OBJECTIVES if n in report["students"]]
+    rows += [k.replace("_", "-") for k in report["students"] if k.startswith("cached_k")]
     extra = sum(row_seconds(n) for n in rows)
     assert report["stage_seconds_total"] - extra <= 15 * 60
     assert all(row_seconds(n) <= 1.5 * row_seconds("distilled") for n in rows)
@@ -212,18 +228,20 @@ def test_shipped_teacher_uses_context_in_transformers():
 
 @pytest.mark.slow
 def test_tiny_demo_report_and_rerun(tmp_path):
-    """A demo of a few updates with the ablation and one objective row (MiniLMv2's relations, a
-    terms: list): its report is its metrics files, the plot is a PNG, and a rerun reuses every stage
+    """A demo of a few updates with the ablation, one objective row (MiniLMv2's relations, a
+    terms: list) and one row from a top-8 teacher cache: its report is its metrics files, the plot
+    is a PNG, and a rerun reuses every stage
     and gives the same report."""
     from jaxdistil.demo import DemoOptions, demo
     from jaxdistil.training.metrics import read_metrics
 
     # One seed (the committed sample checks the 2-seed spreads): 4 students, 6 fine-tunings.
     options = DemoOptions(output=tmp_path / "demo", seeds=(1,), steps=3, finetune_epochs=0.02, ablation=True,
-                          objectives=("minilmv2",))
+                          objectives=("minilmv2",), cache=(8,))
     report = demo(options)
     check_report(report, tmp_path / "demo")
-    assert set(report["students"]) == {"copied", "distilled", "mlm_only", "random_init", "minilmv2"}
+    assert set(report["students"]) == {"copied", "distilled", "mlm_only", "random_init", "minilmv2", "cached_k8"}
+    assert report["cache"]["cached_k8"]["bytes_per_token"] > 0
     assert "distilled_vs_random_init" in report["comparisons"]
     assert "distilled_vs_minilmv2" in report["comparisons"] and "minilmv2" in report["headline"]
     run = read_metrics(tmp_path / "demo" / "runs" / "minilmv2-s1")["train"][-1]

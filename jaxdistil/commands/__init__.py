@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "selfcheck": ("selfcheck", "check the Flax models against transformers' PyTorch models"),
     "prepare": ("prepare", "tokenize a corpus into ArrayRecord shards"),
     "train": ("train", "train (distil or MLM-pretrain) from a YAML config"),
+    "cache-teacher": ("cache_teacher", "store a run's teacher outputs once, for students to train from (teacher.cache)"),
     "init-student": ("init_student", "initialise a student from teacher layers (DistilBERT, RoBERTa, GPT-2)"),
     "evaluate": ("evaluate", "held-out MLM loss, perplexity and accuracy of a model"),
     "export": ("export", "export a run to a Hugging Face model directory"),

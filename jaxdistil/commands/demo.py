@@ -1,4 +1,4 @@
-"""``jaxdistil demo [--output DIR] [--ablation] [--objectives]``: what distillation buys, end to end on the built-in corpus."""
+"""``jaxdistil demo [--output DIR] [--ablation] [--objectives] [--cache K,...]``: what distillation buys, end to end on the built-in corpus."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objectives", action="store_true",
                         help="add rows for other objectives (TinyBERT, MiniLM, MiniLMv2, the triple loss with L_mlm) "
                              "on the same init, budget, data and masks")
+    parser.add_argument("--cache", metavar="K[,K...]", default="",
+                        help="add rows distilled from teacher caches of the top K logits (e.g. 8,32,128): "
+                             "the distilled recipe with no teacher in the step; the report gives each cache's "
+                             "size and the time it saves per run")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                         help="student seeds, comma-separated (at least 2 for a seed spread; default %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="override the students' updates (configs/demo.yaml)")
@@ -36,9 +40,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers, e.g. 56,57") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {args.seeds!r}: give one or more distinct seeds, e.g. 56,57")
+    try:
+        cache = tuple(int(k) for k in args.cache.split(",") if k.strip())
+    except ValueError:
+        raise UserError(f"--cache {args.cache!r} is not a comma-separated list of top-k sizes, e.g. 8,32,128") from None
     report = demo(DemoOptions(output=args.output, teacher=args.teacher, seeds=seeds, steps=args.steps,
                               finetune_epochs=args.finetune_epochs, ablation=args.ablation,
-                              export=not args.no_export, objectives=tuple(OBJECTIVES) if args.objectives else ()))
+                              export=not args.no_export, objectives=tuple(OBJECTIVES) if args.objectives else (), cache=cache))
     print("\n== report (" + str(Path(args.output).absolute() / "report.json") + ", report.png)")
     print(format_report(report))
     if args.publish:

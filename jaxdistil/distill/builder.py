@@ -71,7 +71,8 @@ def run_step_spec(cfg: Any, student: ModelConfig, teacher: ModelConfig | None, m
         mask_id=int(mask_id), dtype=cfg.train.dtype, attention=cfg.train.attention, remat=cfg.train.remat,
         group_rows=cfg.loader.group_rows, frozen=frozen, causal=student.causal,
         projection=cos_projection(cfg.loss, student, teacher), terms=tuple(cfg.terms),
-        teachers=tuple((t.name, t.weight) for t in (cfg.teacher, *cfg.teachers)))
+        teachers=tuple((t.name, t.weight) for t in (cfg.teacher, *cfg.teachers)),
+        cached_teacher=bool(cfg.teacher.cache))
     mesh = dataclasses.replace(cfg.mesh, rules=tuple(cfg.mesh.rules) + tuple(rules))
     return StepSpec(student, teacher, step, mesh, strict, extra_teachers=tuple(extra_teachers))
 
@@ -104,7 +105,7 @@ class DistillStep:
                                              for m in self.extra_teachers)
         frozen = tuple(dict.fromkeys(frozen_param_paths(spec.student) + spec.step.frozen))
         self.core = TrainStep(self.student, self.objective, spec.step.optim, self.mesh, self.rules, frozen=frozen,
-                              const_shardings={"teacher": self.teacher_shardings,
+                              const_shardings={"teacher": None if spec.step.cached_teacher else self.teacher_shardings,
                                                "teachers": self.extra_teacher_shardings,
                                                "token_weights": shd.replicated(self.mesh)},
                               strict=spec.strict, compiler_options=spec.compiler_options)

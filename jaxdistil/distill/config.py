@@ -48,11 +48,15 @@ class TeacherConfig:
     name: how terms name it (``terms: [{kind: ..., teacher: NAME}]``); the section's is "teacher".
     weight: its share in a soft-target mixture (a term naming several teachers mixes their
       probabilities with these weights, normalised over the teachers it names).
+    cache: a teacher cache of this run (``jaxdistil cache-teacher``, docs/teacher-cache.md): the
+      teacher's outputs are read from it, not computed (the section's teacher only; the model is
+      still loaded, for the student's init and to check that the cache is of it).
     """
 
     model: str | None = None
     name: str = "teacher"
     weight: float = 1.0
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -193,6 +197,12 @@ class RunConfig:
         for i, extra in enumerate(self.teachers):
             if extra.model is None:
                 raise UserError(f"teachers[{i}] ({extra.name}) has no model; set its model: to a model dir or hub id")
+            if extra.cache:
+                raise UserError(f"teachers[{i}] ({extra.name}) has a cache; a teacher cache serves the teacher "
+                                "section only: drop its cache")
+        if self.teacher.cache and self.teacher.model is None:
+            raise UserError("teacher.cache is set but teacher.model is not; set teacher.model to the teacher the "
+                            "cache was made from (it initialises the student and proves the cache is of it)")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise UserError(f"teacher name {dupes[0]!r} is used twice; give every teacher its own name")

@@ -620,6 +620,7 @@ def loss_sums(
     cos_hidden: jax.Array | None = None,
     soft: tuple[SoftTarget, ...] = (),
     with_ce: bool | None = None,
+    teacher_cos: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Loss sums and row counts of one (micro-)batch, without materialising all logits at once.
 
@@ -652,6 +653,9 @@ def loss_sums(
       with_ce: compute the section's L_ce (on the first teacher); None: with a teacher, unless
         alpha_ce = 0 and soft targets are given. (False skips the teacher's head when nothing else
         reads its logits: its "ce_sum" is 0.)
+      teacher_cos: [B, T, D_t] the first teacher's last hidden states for L_cos when its head does
+        not read them (a teacher cache: the head input is its stored top-k logits); default: the
+        first ``teacher_hidden``.
 
     Returns:
       dict of float32 scalars: sums "ce_sum" (T^2 * sum of KL), "mlm_sum", "cos_sum", "mse_sum"
@@ -666,11 +670,12 @@ def loss_sums(
     if any(i >= len(t_hiddens) or t_hiddens[i] is None for spec in soft for i in spec.teachers):
         raise UserError("a soft target names a teacher that loss_sums was not given")
     teacher_hidden = t_hiddens[0]
+    cos_target = teacher_cos if teacher_cos is not None else teacher_hidden
     cos_in = student_hidden if cos_hidden is None else cos_hidden
-    with_cos = teacher_hidden is not None and teacher_hidden.shape == cos_in.shape
-    if teacher_hidden is not None and not with_cos and cfg.alpha_cos > 0:
+    with_cos = cos_target is not None and cos_target.shape == cos_in.shape
+    if cos_target is not None and not with_cos and cfg.alpha_cos > 0:
         raise UserError(
-            f"teacher hidden states {teacher_hidden.shape} differ from the student's {cos_in.shape}; L_cos "
+            f"teacher hidden states {cos_target.shape} differ from the student's {cos_in.shape}; L_cos "
             "needs the same width: use loss.cos_projection=linear, a student of the teacher's width, or alpha_cos=0")
     b, t, d = student_hidden.shape
     n = b * t
@@ -751,7 +756,7 @@ def loss_sums(
     for i, (spec, value) in enumerate(zip(soft, sums[4:])):
         out[f"soft{i}_sum"] = value * spec.scale
     if with_cos:  # (widths that differ with alpha_cos = 0: no L_cos to compute)
-        cos = one_minus_cos_per_row(cos_in, jax.lax.stop_gradient(teacher_hidden))
+        cos = one_minus_cos_per_row(cos_in, jax.lax.stop_gradient(cos_target))
         out["cos_sum"] = jnp.sum(cos * weights["cos"])
     return out
 

@@ -48,6 +48,7 @@ from jaxdistil.distill.losses import (
     max_masked_rows,
 )
 from jaxdistil.distill import terms as terms_lib
+from jaxdistil.distill.teacher_cache import expand_top_k
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES, attention, build_model
 from jaxdistil.models.layers import EncoderOutput, attention_mask_from
@@ -57,6 +58,9 @@ from jaxdistil.training.optim import OptimConfig
 PyTree = Any
 # Keys of a batch that are [B, T] arrays the models read (loader's packed batches add the last two).
 MODEL_INPUTS = ("attention_mask", "segment_ids", "position_ids")
+# What a teacher cache adds to a batch (``jaxdistil.distill.teacher_cache``): the first teacher's
+# top-k (ids, logits) [B, T, 2K] and last hidden states [B, T, D_t], float32.
+CACHE_INPUTS = ("teacher_top_k", "teacher_hidden")
 # The name of L_cos's learned projection (loss.cos_projection=linear) among the objective's extra
 # trainable modules (TrainState.extra): trained with the student, left out of exported models.
 COS_PROJECTION = "cos_projection"
@@ -86,6 +90,9 @@ class StepConfig:
       their rows are weighed as the loss section's (1 / the group's rows: means per group, averaged).
     teachers: (name, mixture weight) of every teacher, in order; the first is the loss section's
       (``teacher``), the others the run config's ``teachers:`` list, read by the terms that name them.
+    cached_teacher: the first teacher is read from the batch (``CACHE_INPUTS``, a teacher cache:
+      ``teacher.cache``), not run: its soft targets are its stored top-k logits (renormalised over the
+      top k), its last hidden states the stored ones.
     """
 
     loss: LossConfig = LossConfig()
@@ -101,6 +108,7 @@ class StepConfig:
     projection: tuple[int, int] | None = None
     terms: tuple[terms_lib.TermConfig, ...] = ()
     teachers: tuple[tuple[str, float], ...] = (("teacher", 1.0),)
+    cached_teacher: bool = False
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.teachers]
@@ -277,9 +285,17 @@ def mask_batch(
         masked_ids, labels = mask_tokens(key, ids, attention, token_weights, cfg.mask_id, vocab_size,
                                          cfg.masking)
     weights, counts = loss_weights(labels, attention, cfg.loss, cfg.group_rows)
-    inputs = {"input_ids": masked_ids, "labels": labels, **_model_kwargs(batch)}
+    inputs = {"input_ids": masked_ids, "labels": labels, **_model_kwargs(batch),
+              **{k: batch[k] for k in CACHE_INPUTS if k in batch}}
     inputs.update({f"w_{k}": w for k, w in weights.items()})
     return inputs, counts
+
+
+def step_masks(batch: Mapping[str, jax.Array], token_weights: jax.Array, key: jax.Array, cfg: StepConfig,
+               vocab_size: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """``mask_batch`` with the masking key of the update whose key is ``key`` (``step_key``): what the
+    step's ``prepare`` and a teacher cache (the teacher's inputs of every update) both mask with."""
+    return mask_batch(batch, token_weights, jax.random.split(key)[0], cfg, vocab_size)
 
 
 def soft_targets(cfg: StepConfig) -> tuple[tuple[int, SoftTarget], ...]:
@@ -332,6 +348,12 @@ def micro_batch_sums(
     with_logits = {0} | {k for _, spec in soft for k in spec.teachers}
     t_encs, t_hidden, t_heads = [], [], []
     for k, (model, t_params) in enumerate(zip(teacher_models, teacher_params)):
+        if k == 0 and cfg.cached_teacher:  # read, not run: its top-k logits and last hidden states
+            cached = mb["teacher_hidden"]
+            t_encs.append(EncoderOutput(cached, cached[None]))  # hidden terms read the last layer only
+            t_hidden.append(mb["teacher_top_k"] if k in with_logits else None)
+            t_heads.append((lambda x, v=model.cfg.vocab_size: expand_top_k(x, v)) if k in with_logits else None)
+            continue
         if model is None:
             t_encs.append(None), t_hidden.append(None), t_heads.append(None)
             continue
@@ -357,7 +379,8 @@ def micro_batch_sums(
                       + projection["bias"].astype(jnp.float32))
     sums = loss_sums(student_hidden, tuple(t_hidden) or None, student_head, tuple(t_heads) or None, mb["labels"],
                      mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights, cos_hidden=cos_hidden,
-                     soft=tuple(spec for _, spec in soft), with_ce=cfg.loss.alpha_ce > 0 or not cfg.terms)
+                     soft=tuple(spec for _, spec in soft), with_ce=cfg.loss.alpha_ce > 0 or not cfg.terms,
+                     teacher_cos=mb["teacher_hidden"] if cfg.cached_teacher else None)
     out = {key: sums[key] for key in SUM_KEYS}
     for j, (i, _) in enumerate(soft):
         out[f"term{i}_sum"] = sums[f"soft{j}_sum"]
@@ -480,10 +503,8 @@ class DistillObjective:
         self.with_ce = teacher is not None and (cfg.loss.alpha_ce > 0 or not cfg.terms)
 
     def prepare(self, batch, consts, key):
-        mask_key = jax.random.split(key)[0]
         with jax.named_scope("masking"):  # labels the compiled ops (profiles: benchmarks/trace_summary.py)
-            inputs, counts = mask_batch(batch, consts["token_weights"], mask_key, self.cfg,
-                                        self.student.cfg.vocab_size)
+            inputs, counts = step_masks(batch, consts["token_weights"], key, self.cfg, self.student.cfg.vocab_size)
         if any(not t.on_logits for t in self.cfg.terms):
             counts.update(term_counts(self.cfg, self.student, self.teachers, inputs, inputs["w_cos"]))
         return inputs, counts

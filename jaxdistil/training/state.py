@@ -57,6 +57,17 @@ def model_path(path: str) -> str:
     return f"model/{path}"
 
 
+def base_rng(rng: jax.Array) -> jax.Array:
+    """The TrainState's base key (``rng``) of a state initialised from ``rng`` (the init key is the
+    other half); a teacher cache draws the run's masks from it (``jaxdistil.distill.teacher_cache``)."""
+    return jax.random.split(rng)[1]
+
+
+def step_key(rng: jax.Array, step: Any) -> jax.Array:
+    """The key of update ``step``: fold_in(base key, step), so a resumed run draws the same masks."""
+    return jax.random.fold_in(rng, step)
+
+
 def _draw_extra(extra_init: ExtraInit, init_key: jax.Array) -> dict[str, PyTree]:
     # Module i (in name order) draws from fold_in(init_key, i + 1); the model uses init_key itself.
     return {name: extra_init[name](jax.random.fold_in(init_key, i + 1)) for i, name in enumerate(sorted(extra_init))}
@@ -68,7 +79,7 @@ def boxed_state_fn(model: nn.Module, optimizer: optax.GradientTransformation, ex
     ids = jnp.zeros(sample_shape, jnp.int32)
 
     def boxed_state(rng):
-        init_key, state_key = jax.random.split(rng)
+        init_key, state_key = jax.random.split(rng)[0], base_rng(rng)
         params = model.init(init_key, ids)["params"]
         extra = _draw_extra(extra_init, init_key)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra,
@@ -129,7 +140,7 @@ def init_train_state(
 
         return jax.jit(init, out_shardings=shardings)(rng), shardings
 
-    init_key, state_key = jax.random.split(rng)
+    init_key, state_key = jax.random.split(rng)[0], base_rng(rng)
     params = jax.device_put(nn.unbox(params), shardings.params)
     extra = jax.jit(lambda k: nn.unbox(_draw_extra(extra_init, k)), out_shardings=shardings.extra)(init_key)
     opt_state = jax.jit(lambda p, e: optimizer.init(trainable(p, e)), out_shardings=shardings.opt_state)(

@@ -54,6 +54,7 @@ from jaxdistil.training.state import (
     abstract_train_state,
     init_train_state,
     model_path,
+    step_key,
     trainable,
 )
 
@@ -161,7 +162,7 @@ def make_train_step(
     def train_step(state: TrainState, batch, consts):
         shd.check_batch(jax.tree.leaves(batch)[0].shape[0], mesh, grad_accum_steps)
         with shd.activation_rules(mesh, rules):
-            key = jax.random.fold_in(state.rng, state.step)
+            key = step_key(state.rng, state.step)
             inputs, counts = objective.prepare(batch, consts, key)
             params = trainable(state.params, state.extra)
             grads, sums = accumulate_grads(objective, params, inputs, counts, consts, jax.random.split(key)[1],

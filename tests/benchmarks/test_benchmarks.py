@@ -290,3 +290,21 @@ def test_tiny_objectives_benchmark_run(tmp_path):
     assert rows["two-teachers"]["argument_mb"] > rows["distilbert"]["argument_mb"] > rows["mlm-only"]["argument_mb"]
     with pytest.raises(SystemExit):
         objectives.main(["--recipes", "nope"])
+
+
+@pytest.mark.slow
+def test_tiny_teacher_cache_benchmark_run(tmp_path):
+    """The teacher-cache benchmark at a tiny size: the online, cached and PyTorch steps each train,
+    the reader reads a cache of the writer's format,
+    and the disk figures are the files' sizes (K ids as uint16 + K bf16 values + int32 input id per
+    token, + D bf16 hidden values: 4 + 4K (+ 2D) bytes, plus the header)."""
+    bench = _load("teacher_cache")
+    out = tmp_path / "cache.json"
+    report = bench.main(["--shape", "tiny", "--rounds", "1", "--reader-steps", "4", "--output", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert set(report["steps"]) == {"jax-online", "jax-cached", "torch-eager"}
+    assert all(len(r["step_s"]) == 1 and r["tokens_per_s"] > 0 for r in report["steps"].values())
+    assert report["reader"]["batches_per_s"] > 0 and report["reader"]["headroom"] > 0
+    for k in bench.TOP_KS:
+        for key, extra in ((f"k{k}", 0), (f"k{k}+hidden", 2 * 64)):
+            assert 4 + 4 * k + extra <= report["disk_bytes_per_token"][key] < 4 + 4 * k + extra + 8
