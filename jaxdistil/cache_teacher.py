@@ -42,6 +42,7 @@ from jaxdistil.distill.teacher_cache import (
     identity_mismatch,
     params_sha256,
     run_identity,
+    term_layers,
 )
 from jaxdistil.errors import UserError
 from jaxdistil.train import local_rows, run_batches, total_steps_for
@@ -67,8 +68,9 @@ class CacheResult:
 
 
 def needs_hidden(step: Any) -> bool:
-    """Whether the run reads the teacher's last hidden states (L_cos, hidden_cos / hidden_mse)."""
-    return step.loss.alpha_cos > 0 or any(t.kind in ("hidden_cos", "hidden_mse") for t in step.terms)
+    """Whether the run reads the teacher's last hidden states outside its terms (the loss section's
+    L_cos); the terms' per-layer outputs are ``teacher_cache.term_layers``."""
+    return step.loss.alpha_cos > 0
 
 
 def _local(x: jax.Array, rows: slice) -> np.ndarray:
@@ -87,12 +89,15 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+_KIND = ("top_k", "dtype", "hidden", "outputs")  # what a cache holds, besides whose run it is
+
+
 def _prepare_output(out: Path, header: dict) -> None:
     """Refuses an ``out`` that holds something else than a cache of this run (or nothing)."""
     if (out / "manifest.json").is_file():
         have = TeacherCache(out).manifest
         mismatch = identity_mismatch(have["identity"], header["identity"]) or identity_mismatch(
-            {k: have.get(k) for k in ("top_k", "dtype", "hidden")}, {k: header[k] for k in ("top_k", "dtype", "hidden")})
+            {k: have.get(k) for k in _KIND}, {k: json.loads(json.dumps(header[k])) for k in _KIND})
         if mismatch:
             raise UserError(f"{out} holds a teacher cache of another run or kind ({mismatch.replace('the run', 'this one')}); "
                             "choose another --output or delete it")
@@ -131,12 +136,13 @@ def cache_teacher(cfg: RunConfig, output: str | Path, top_k: int = 32, steps: in
     vocab = int(teacher.config.vocab_size)
     k = vocab if top_k == 0 or top_k >= vocab else int(top_k)
     hidden = needs_hidden(spec.step)
+    outputs = term_layers(spec.step, teacher.config.layers)
     check_terms(spec.step, k, vocab, hidden)
     built = DistillStep(spec)
     rows = local_rows(cfg, built)
     out = Path(output).expanduser().absolute()
     header = {"format": FORMAT, "identity": run_identity(cfg, manifest, params_sha256(teacher.params), spec.step),
-              "top_k": k, "dtype": dtype, "hidden": hidden, "vocab_size": vocab,
+              "top_k": k, "dtype": dtype, "hidden": hidden, "outputs": outputs, "vocab_size": vocab,
               "global_rows": cfg.loader.batch_size * distributed.num_data_shards(cfg.distributed),
               "teacher": {"model": cfg.teacher.model, "config": dataclasses.asdict(teacher.config)},
               "data_dir": str(manifest["data_dir"])}
@@ -159,18 +165,22 @@ def cache_teacher(cfg: RunConfig, output: str | Path, top_k: int = 32, steps: in
     id_dtype = jnp.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else jnp.int32
     rng = base_rng(jax.random.PRNGKey(cfg.train.seed))
     step_cfg = spec.step
+    requested = tuple(f for f in outputs if f != "hidden_states")  # (hidden states are always returned)
 
     def teacher_outputs(t_params, batch, token_weights, step):
         with shd.activation_rules(built.mesh, built.rules):
             inputs, _ = step_masks(batch, token_weights, step_key(rng, step), step_cfg, student_cfg.vocab_size)
             variables = {"params": t_params}
             kwargs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
-            enc = built.teacher.apply(variables, inputs["input_ids"], deterministic=True, method="encode", **kwargs)
+            enc = built.teacher.apply(variables, inputs["input_ids"], deterministic=True, method="encode",
+                                      outputs=requested, **kwargs)
             logits = built.teacher.apply(variables, enc.last_hidden_state, method="mlm_logits").astype(jnp.float32)
             values, ids = jax.lax.top_k(logits, k)
             got = {"top_k_ids": ids.astype(id_dtype), "top_k_logits": values.astype(store)}
             if hidden:
                 got["hidden"] = enc.last_hidden_state.astype(store)
+            for field, layers in outputs.items():  # [L(+1), B, ...] -> the layers used, rows first
+                got[field] = jnp.moveaxis(getattr(enc, field)[jnp.asarray(layers)], 0, 1).astype(store)
             return got
 
     run = jax.jit(teacher_outputs, out_shardings=shd.batch_sharding(built.mesh))

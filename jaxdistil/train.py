@@ -136,16 +136,17 @@ def _run(cfg: RunConfig, run_dir: Path, manifest: dict, say) -> TrainResult:
     data_shards = distributed.num_data_shards(cfg.distributed)
     total_steps = total_steps_for(cfg, manifest)
     mask_id = manifest_lib.mask_token_id(manifest, causal=student_cfg.causal)
+    cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
     spec = run_step_spec(cfg, student_cfg, teacher.config if teacher else None, mask_id, total_steps,
-                         extra_teachers=[t.config for t in extra_teachers])
+                         extra_teachers=[t.config for t in extra_teachers],
+                         cached_layers=cache.outputs if cache else None)
     built = DistillStep(spec)
     shd.check_batch(cfg.loader.batch_size * data_shards, built.mesh, cfg.optim.grad_accum_steps)
-    cache = None
-    if cfg.teacher.cache:  # checked before anything is written: a cache of another run is refused
-        cache = TeacherCache(cfg.teacher.cache)
+    if cache is not None:  # checked before anything is written: a cache of another run is refused
         cache.check(run_identity(cfg, manifest, params_sha256(teacher.params), spec.step), total_steps,
                     local_rows(cfg, built))
-        check_terms(spec.step, cache.top_k, student_cfg.vocab_size, cache.has_hidden)
+        check_terms(spec.step, cache.top_k, student_cfg.vocab_size, cache.has_hidden, cache.outputs,
+                    teacher.config.layers)
 
     # ---- state: resume own checkpoint > teacher layers / given model > random
     ckpt = RunCheckpointer(run_dir, cfg.checkpoint)

@@ -66,8 +66,8 @@ def test_bad_writer_arguments_are_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match="exists and is not a teacher cache"):
         _prepare_output(tmp_path / "other", {})
     off = LossConfig(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=0.0)
-    assert needs_hidden(StepConfig()) and needs_hidden(StepConfig(loss=off, terms=(TermConfig("hidden_mse"),)))
-    assert not needs_hidden(StepConfig(loss=off, terms=(TermConfig("kl"), TermConfig("mlm_ce"))))
+    assert needs_hidden(StepConfig())  # the loss section's L_cos; the terms' outputs are stored per layer
+    assert not needs_hidden(StepConfig(loss=off, terms=(TermConfig("kl"), TermConfig("hidden_mse"))))
 
 
 @pytest.mark.slow
@@ -142,3 +142,29 @@ def test_top_k_cache_command_trains_and_wrong_caches_are_refused(online, tmp_pat
     (tmp_path / "other" / "notes.txt").write_text("mine")
     err = one_line_error(capsys, ["cache-teacher", "--config", str(config), "--output", str(tmp_path / "other")])
     assert "exists and is not a teacher cache" in err and (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_cached_hidden_and_attention_terms_equal_the_online_run(online, tmp_path):
+    """TinyBERT-style terms (hidden MSE on mapped layers with the embeddings, attention-score MSE) and
+    soft targets: the cache stores exactly the teacher layers they read, and the cached run logs the
+    online run's losses; the triple loss's cache lacks those layers and is refused in one line."""
+    from jaxdistil.errors import UserError
+
+    raw = _with(online["raw"], tmp_path / "online", loss={"alpha_ce": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0},
+                train={"steps": 4})
+    raw["terms"] = [{"kind": "kl", "temperature": 2.0}, {"kind": "mlm_ce"},
+                    {"kind": "hidden_mse", "layers": [[0, 0], [1, 2]]}, {"kind": "attention_mse", "layers": [[0, 1]]}]
+    train(config_from_dict(raw), log=lambda *a: None)
+    made = cache_teacher(config_from_dict(raw), tmp_path / "cache", top_k=0, dtype="float32", log=lambda *a: None,
+                         progress=False)
+    manifest = json.loads((made.path / "manifest.json").read_text())
+    assert manifest["outputs"] == {"hidden_states": [0, 2], "scores": [1]} and manifest["hidden"] is False
+    cached = _with(raw, tmp_path / "cached", teacher={"cache": str(made.path)})
+    train(config_from_dict(cached), log=lambda *a: None)
+    got, want = losses(tmp_path / "cached"), losses(tmp_path / "online")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    assert all(got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-6) for s in want), (got, want)
+    wrong = _with(raw, tmp_path / "wrong", teacher={"cache": str(online["full"].path)})
+    with pytest.raises(UserError, match=r"terms\[2\] \(hidden_mse\) reads the teacher's hidden_states of layer 0"):
+        train(config_from_dict(wrong), log=lambda *a: None)

@@ -61,10 +61,12 @@ class StepSpec:
 
 def run_step_spec(cfg: Any, student: ModelConfig, teacher: ModelConfig | None, mask_id: int,
                   total_steps: int, rules: Sequence[str] = (), strict: bool = False,
-                  extra_teachers: Sequence[ModelConfig] = ()) -> StepSpec:
+                  extra_teachers: Sequence[ModelConfig] = (),
+                  cached_layers: Mapping[str, Sequence[int]] | None = None) -> StepSpec:
     """The StepSpec of a run config: its loss, terms and teachers, masking, optimizer (``total_steps``
     updates), compute dtype, remat, frozen parameters, normalisation groups and mesh (``rules``: extra
-    overrides); extra_teachers: the model configs of ``cfg.teachers``, in order."""
+    overrides); extra_teachers: the model configs of ``cfg.teachers``, in order; cached_layers: with
+    ``teacher.cache``, the per-layer teacher outputs the cache holds (``TeacherCache.outputs``)."""
     frozen = frozen_param_paths(student, cfg.student.freeze_pos_embs, cfg.student.freeze_token_type_embds)
     step = StepConfig(
         loss=cfg.loss, masking=cfg.masking, optim=dataclasses.replace(cfg.optim, total_steps=total_steps),
@@ -72,7 +74,8 @@ def run_step_spec(cfg: Any, student: ModelConfig, teacher: ModelConfig | None, m
         group_rows=cfg.loader.group_rows, frozen=frozen, causal=student.causal,
         projection=cos_projection(cfg.loss, student, teacher), terms=tuple(cfg.terms),
         teachers=tuple((t.name, t.weight) for t in (cfg.teacher, *cfg.teachers)),
-        cached_teacher=bool(cfg.teacher.cache))
+        cached_teacher=bool(cfg.teacher.cache),
+        cached_layers=tuple((f, tuple(v)) for f, v in (cached_layers or {}).items()))
     mesh = dataclasses.replace(cfg.mesh, rules=tuple(cfg.mesh.rules) + tuple(rules))
     return StepSpec(student, teacher, step, mesh, strict, extra_teachers=tuple(extra_teachers))
 

@@ -48,7 +48,7 @@ from jaxdistil.distill.losses import (
     max_masked_rows,
 )
 from jaxdistil.distill import terms as terms_lib
-from jaxdistil.distill.teacher_cache import expand_top_k
+from jaxdistil.distill.teacher_cache import OUTPUT_FIELDS, expand_top_k
 from jaxdistil.errors import UserError
 from jaxdistil.models import COMPUTE_DTYPES, attention, build_model
 from jaxdistil.models.layers import EncoderOutput, attention_mask_from
@@ -59,8 +59,9 @@ PyTree = Any
 # Keys of a batch that are [B, T] arrays the models read (loader's packed batches add the last two).
 MODEL_INPUTS = ("attention_mask", "segment_ids", "position_ids")
 # What a teacher cache adds to a batch (``jaxdistil.distill.teacher_cache``): the first teacher's
-# top-k (ids, logits) [B, T, 2K] and last hidden states [B, T, D_t], float32.
-CACHE_INPUTS = ("teacher_top_k", "teacher_hidden")
+# top-k (ids, logits) [B, T, 2K], last hidden states [B, T, D_t] and the per-layer outputs its terms
+# read [B, n, ...] (the n layers of ``StepConfig.cached_layers``), float32.
+CACHE_INPUTS = ("teacher_top_k", "teacher_hidden", *(f"teacher_{f}" for f in OUTPUT_FIELDS))
 # The name of L_cos's learned projection (loss.cos_projection=linear) among the objective's extra
 # trainable modules (TrainState.extra): trained with the student, left out of exported models.
 COS_PROJECTION = "cos_projection"
@@ -92,7 +93,8 @@ class StepConfig:
       (``teacher``), the others the run config's ``teachers:`` list, read by the terms that name them.
     cached_teacher: the first teacher is read from the batch (``CACHE_INPUTS``, a teacher cache:
       ``teacher.cache``), not run: its soft targets are its stored top-k logits (renormalised over the
-      top k), its last hidden states the stored ones.
+      top k), its last hidden states the stored ones; cached_layers: (EncoderOutput field, teacher
+      layers) of the per-layer outputs the cache holds for the terms (the other layers read as zeros).
     """
 
     loss: LossConfig = LossConfig()
@@ -109,6 +111,7 @@ class StepConfig:
     terms: tuple[terms_lib.TermConfig, ...] = ()
     teachers: tuple[tuple[str, float], ...] = (("teacher", 1.0),)
     cached_teacher: bool = False
+    cached_layers: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.teachers]
@@ -348,9 +351,8 @@ def micro_batch_sums(
     with_logits = {0} | {k for _, spec in soft for k in spec.teachers}
     t_encs, t_hidden, t_heads = [], [], []
     for k, (model, t_params) in enumerate(zip(teacher_models, teacher_params)):
-        if k == 0 and cfg.cached_teacher:  # read, not run: its top-k logits and last hidden states
-            cached = mb["teacher_hidden"]
-            t_encs.append(EncoderOutput(cached, cached[None]))  # hidden terms read the last layer only
+        if k == 0 and cfg.cached_teacher:  # read, not run: its stored outputs
+            t_encs.append(_cached_outputs(cfg, model.cfg, mb))
             t_hidden.append(mb["teacher_top_k"] if k in with_logits else None)
             t_heads.append((lambda x, v=model.cfg.vocab_size: expand_top_k(x, v)) if k in with_logits else None)
             continue
@@ -380,7 +382,7 @@ def micro_batch_sums(
     sums = loss_sums(student_hidden, tuple(t_hidden) or None, student_head, tuple(t_heads) or None, mb["labels"],
                      mb["attention_mask"], cfg.loss, max_rows=max_rows, weights=weights, cos_hidden=cos_hidden,
                      soft=tuple(spec for _, spec in soft), with_ce=cfg.loss.alpha_ce > 0 or not cfg.terms,
-                     teacher_cos=mb["teacher_hidden"] if cfg.cached_teacher else None)
+                     teacher_cos=_cached_cos(cfg, mb))
     out = {key: sums[key] for key in SUM_KEYS}
     for j, (i, _) in enumerate(soft):
         out[f"term{i}_sum"] = sums[f"soft{j}_sum"]
@@ -388,6 +390,27 @@ def micro_batch_sums(
         with jax.named_scope("terms"):
             out.update(_term_sums(cfg, student_model, s_enc, t_encs, mb, term_projections or {}))
     return out
+
+
+def _cached_outputs(cfg: StepConfig, teacher_cfg: Any, mb: Mapping[str, jax.Array]) -> EncoderOutput:
+    """A cached teacher's EncoderOutput: its stored layers of each field in place (zeros elsewhere,
+    which no term reads: the cache was refused unless it holds every layer they read)."""
+    stacks = {}
+    for field, layers in cfg.cached_layers:
+        got = jnp.moveaxis(mb[f"teacher_{field}"], 1, 0)  # [n stored, b, ...]
+        total = teacher_cfg.layers + (field == "hidden_states")
+        stacks[field] = jnp.zeros((total,) + got.shape[1:], got.dtype).at[jnp.asarray(layers)].set(got)
+    return EncoderOutput(mb.get("teacher_hidden"), stacks.pop("hidden_states", None), **stacks)
+
+
+def _cached_cos(cfg: StepConfig, mb: Mapping[str, jax.Array]) -> jax.Array | None:
+    """L_cos's teacher side for a cached teacher: its stored last hidden states, or (none stored,
+    alpha_cos = 0) an empty array whose shape no student matches, so no L_cos is computed on the
+    stored top-k logits."""
+    if not cfg.cached_teacher:
+        return None
+    b, t = mb["input_ids"].shape
+    return mb["teacher_hidden"] if "teacher_hidden" in mb else jnp.zeros((b, t, 0), jnp.float32)
 
 
 def _term_inputs(cfg: StepConfig, student_model: nn.Module, mb: Mapping[str, jax.Array], rows: jax.Array):

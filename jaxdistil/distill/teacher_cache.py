@@ -11,7 +11,10 @@ Per update, a cache holds this process's rows of:
                  against them, so a cache can never be read out of step with the data
   top_k_ids      [b, T, K] the teacher's K largest logits at every position, ids (uint16 when the
   top_k_logits   vocabulary fits, else int32) and values (the store dtype)
-  hidden         [b, T, D] the teacher's last hidden states (only when a term or L_cos reads them)
+  hidden         [b, T, D] the teacher's last hidden states (only when L_cos reads them)
+  hidden_states, attentions, scores, queries, keys, values
+                 [b, n, ...] the per-layer outputs the terms read, for the n teacher layers they use
+                 (``term_layers``; listed in the manifest's "outputs")
 
 Soft targets from a top-k cache are the teacher's distribution renormalised over its top k:
 p_i = exp(t_i / T) / sum_(j in top k) exp(t_j / T) on the top k, 0 elsewhere (``expand_top_k``
@@ -30,12 +33,14 @@ chunk-<first>-<last>.safetensors (the updates first..last, one tensor per update
   CachedBatches(batches, ...)   the loader's batches with the cache's arrays of their update added,
                                 counting updates from the run's (resumed) step
   expand_top_k(x, vocab)        [N, 2K] (ids, logits) -> [N, V] logits for the logits engine
-  check_terms(cfg, k, vocab)    what a cached teacher can serve: soft targets (kl, jsd; all kinds
-                                with K = V), hard targets, last-layer hidden_cos / hidden_mse
+  check_terms(cfg, k, vocab, ...)  what a cache can serve: soft targets (kl, jsd; every kind with
+                                K = V), hard targets, and the hidden-state, attention and relation
+                                terms whose teacher layers it stores
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -52,7 +57,9 @@ FORMAT = 1
 # The logits off the top k: exp((FILL - max) / T) is exactly 0 in float32 for any T the configs allow,
 # and FILL stays finite, so p log p = 0 there without a NaN.
 FILL = -1e9
-FIELDS = ("input_ids", "top_k_ids", "top_k_logits", "hidden")
+# The EncoderOutput fields a term can read from a teacher, stored for the layers the terms use.
+OUTPUT_FIELDS = ("hidden_states", "attentions", "scores", "queries", "keys", "values")
+FIELDS = ("input_ids", "top_k_ids", "top_k_logits", "hidden", *OUTPUT_FIELDS)
 STORE_DTYPES = ("float32", "bfloat16", "float16")
 # Soft-target kinds a top-k cache (K < V) serves: those whose value only reads the teacher's
 # probabilities where they are > 0 (KL(teacher || student), JSD's mixture).
@@ -87,9 +94,31 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_terms(cfg: Any, top_k: int, vocab: int, has_hidden: bool) -> None:
+def term_layers(cfg: Any, teacher_layers: int) -> dict[str, tuple[int, ...]]:
+    """EncoderOutput field -> the teacher layers (non-negative, sorted) that a StepConfig's non-logit
+    terms read from the loss section's teacher (``hidden_states`` has ``teacher_layers + 1``
+    entries, the per-layer attention fields ``teacher_layers``): what a cache of the run stores."""
+    from jaxdistil.distill import terms as terms_lib
+
+    out: dict[str, set[int]] = {}
+    for term in cfg.terms:
+        if term.on_logits or not term.uses_teacher:
+            continue
+        for name in terms_lib.TERMS[term.kind].inputs:
+            field = terms_lib.MODEL_OUTPUTS.get(name)
+            if field is None:
+                continue
+            n = teacher_layers + (field == "hidden_states")
+            pairs = [(-1, -1)] if term.layers is None else term.layers
+            out.setdefault(field, set()).update(p[1] % n for p in pairs)
+    return {field: tuple(sorted(v)) for field, v in out.items()}
+
+
+def check_terms(cfg: Any, top_k: int, vocab: int, has_hidden: bool,
+                stored: Mapping[str, Any] | None = None, teacher_layers: int = 0) -> None:
     """UserError (one line) for the first part of a StepConfig's objective that a cache of the loss
-    section's teacher with ``top_k`` logits (and ``has_hidden``: its last hidden states) cannot serve."""
+    section's teacher cannot serve: ``top_k`` logits of ``vocab``, ``has_hidden`` (its last hidden
+    states), ``stored`` (field -> layers of ``term_layers``; None: whatever the terms need)."""
     from jaxdistil.distill import terms as terms_lib
 
     full = top_k >= vocab
@@ -113,14 +142,14 @@ def check_terms(cfg: Any, top_k: int, vocab: int, has_hidden: bool) -> None:
                 raise UserError(f"{what} needs every teacher logit; the cache has the top {top_k} of {vocab}: use "
                                 f"kind {' or '.join(TOP_K_SOFT)}, or a cache with --top-k 0 (all)")
             continue
-        if term.kind in ("hidden_cos", "hidden_mse") and term.layers is None:
-            if not has_hidden:
-                raise UserError(f"{what} reads the teacher's last hidden states; the cache has none: make it for "
-                                "this run's config")
+        if stored is None:
             continue
-        raise UserError(f"{what}{' with layers' if term.layers is not None else ''} reads teacher outputs a cache "
-                        "does not store (it holds top-k logits and the last hidden states); run it with an "
-                        "online teacher (drop teacher.cache)")
+        have = {f: set(v) for f, v in stored.items()}
+        for field, layers in term_layers(dataclasses.replace(cfg, terms=(term,)), teacher_layers).items():
+            missing = sorted(set(layers) - have.get(field, set()))
+            if missing:
+                raise UserError(f"{what} reads the teacher's {field} of layer {missing[0]}, which the cache does not "
+                                "store; make the cache with this run's terms (cache-teacher stores what they read)")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -177,6 +206,7 @@ class TeacherCache:
                             f"reads {FORMAT}; remake it with jaxdistil cache-teacher")
         self.top_k = int(self.manifest["top_k"])
         self.has_hidden = bool(self.manifest["hidden"])
+        self.outputs = {f: tuple(v) for f, v in self.manifest.get("outputs", {}).items()}  # field -> layers
         self.blocks: list[tuple[int, int, dict]] = []  # (lo, hi, index) of each process's rows
         for d in sorted(self.path.glob("rows-*")):
             index = _read_json(d / "index.json", "the cache's rows were never written (an interrupted "
@@ -262,6 +292,9 @@ def batch_arrays(cached: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {"teacher_top_k": np.concatenate([ids, cached["top_k_logits"].astype(np.float32)], axis=-1)}
     if "hidden" in cached:
         out["teacher_hidden"] = cached["hidden"].astype(np.float32)
+    for field in OUTPUT_FIELDS:
+        if field in cached:  # [b, layers stored, ...]
+            out[f"teacher_{field}"] = cached[field].astype(np.float32)
     return out
 
 

@@ -4,6 +4,7 @@ cached teacher refuses, and a corrupt or foreign cache refused in one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -77,23 +78,30 @@ def _step(**kw) -> StepConfig:
 
 
 def test_what_a_cached_teacher_serves_and_refuses():
-    ok = _step(terms=(TermConfig("kl", temperature=2.0), TermConfig("mlm_ce"), TermConfig("hidden_cos"),
-                      TermConfig("jsd", rows="masked")))
-    tc.check_terms(ok, 8, 100, has_hidden=True)
+    """A cache serves the terms whose inputs it stores: the layers each term reads (``term_layers``,
+    negative indices resolved), top-k soft targets for kl / jsd only; the rest is one line."""
+    terms = (TermConfig("kl", temperature=2.0), TermConfig("mlm_ce"), TermConfig("hidden_cos"),
+             TermConfig("jsd", rows="masked"), TermConfig("hidden_mse", layers=((0, 0), (1, -2))),
+             TermConfig("attention_mse", layers=((0, 1),)), TermConfig("minilmv2_relations", relation_heads=2))
+    ok = _step(terms=terms)
+    stored = tc.term_layers(ok, teacher_layers=4)
+    assert stored == {"hidden_states": (0, 3, 4), "scores": (1,), "queries": (3,), "keys": (3,), "values": (3,)}
+    tc.check_terms(ok, 8, 100, has_hidden=False, stored=stored, teacher_layers=4)
     tc.check_terms(_step(terms=(TermConfig("reverse_kl"), TermConfig("logits_mse"))), 100, 100, has_hidden=False)
     cases = [
         (_step(terms=(TermConfig("reverse_kl"),)), "needs every teacher logit; the cache has the top 8 of 100"),
         (_step(terms=(TermConfig("logits_mse"),)), "needs every teacher logit"),
         (StepConfig(loss=LossConfig(alpha_mse=1.0)), "loss.alpha_mse > 0 needs every teacher logit"),
-        (_step(terms=(TermConfig("hidden_cos"),)), "reads the teacher's last hidden states; the cache has none"),
-        (_step(terms=(TermConfig("hidden_mse", layers=((0, 1),)),)), "with layers reads teacher outputs"),
-        (_step(terms=(TermConfig("attention_kl"),)), "(attention_kl) reads teacher outputs a cache does not store"),
+        (StepConfig(), "loss.alpha_cos > 0 needs the teacher's hidden states"),
+        (_step(terms=(TermConfig("hidden_mse", layers=((0, 1),)),)),
+         "terms[0] (hidden_mse) reads the teacher's hidden_states of layer 1, which the cache does not store"),
+        (_step(terms=(TermConfig("attention_kl"),)), "reads the teacher's attentions of layer 3"),
         (_step(teachers=(("teacher", 1.0), ("wide", 1.0)), terms=(TermConfig("kl", teacher=("teacher", "wide")),)),
          "also has wide"),
     ]
     for cfg, message in cases:
-        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            tc.check_terms(cfg, 8, 100, has_hidden=cfg.terms == () or cfg.terms[0].kind != "hidden_cos")
+        with pytest.raises(UserError, match=re.escape(message)):
+            tc.check_terms(cfg, 8, 100, has_hidden=False, stored={"hidden_states": (0, 4)}, teacher_layers=4)
 
 
 def _tiny_cache(root, steps=3, rows=(0, 2)):
