@@ -36,6 +36,7 @@ from jaxdistil.distill.teacher_cache import (
     FORMAT,
     STORE_DTYPES,
     TeacherCache,
+    check_one_teacher,
     contiguous_steps,
     check_terms,
     file_sha256,
@@ -121,9 +122,7 @@ def cache_teacher(cfg: RunConfig, output: str | Path, top_k: int = 32, steps: in
     cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None))  # it makes, not reads
     if cfg.teacher.model is None:
         raise UserError("the run config has no teacher (teacher.model is null); a cache stores a teacher's outputs")
-    if cfg.teachers:
-        raise UserError(f"a teacher cache holds the loss section's teacher; this run also has "
-                        f"{', '.join(t.name for t in cfg.teachers)} (teachers:): distil from several teachers online")
+    check_one_teacher([t.name for t in cfg.teachers])  # before any model is loaded
     if not cfg.data.dir:
         raise UserError("data.dir is not set; prepare data with `jaxdistil prepare` and pass data.dir=DIR")
     manifest = manifest_lib.load_manifest(cfg.data.dir)

@@ -60,6 +60,9 @@ def test_bad_writer_arguments_are_refused_before_any_work(tmp_path):
             cache_teacher(cfg, tmp_path / "c", **kwargs)
     with pytest.raises(UserError, match="has no teacher"):
         cache_teacher(cfg, tmp_path / "c")
+    two = config_from_dict({"teacher": {"model": "a"}, "teachers": [{"name": "wide", "model": "b"}]})
+    with pytest.raises(UserError, match="this run also has wide"):  # before any model is loaded
+        cache_teacher(two, tmp_path / "c")
     assert not (tmp_path / "c").exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("")

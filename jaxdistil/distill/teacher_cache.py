@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,13 @@ def term_layers(cfg: Any, teacher_layers: int) -> dict[str, tuple[int, ...]]:
     return {field: tuple(sorted(v)) for field, v in out.items()}
 
 
+def check_one_teacher(extra_names: Sequence[str]) -> None:
+    """UserError when the run has teachers besides the loss section's (``teachers:``): a cache holds one."""
+    if extra_names:
+        raise UserError(f"a teacher cache holds the loss section's teacher; this run also has "
+                        f"{', '.join(extra_names)} (teachers:): distil from several teachers online")
+
+
 def check_terms(cfg: Any, top_k: int, vocab: int, has_hidden: bool,
                 stored: Mapping[str, Any] | None = None, teacher_layers: int = 0) -> None:
     """UserError (one line) for the first part of a StepConfig's objective that a cache of the loss
@@ -122,10 +129,7 @@ def check_terms(cfg: Any, top_k: int, vocab: int, has_hidden: bool,
     from jaxdistil.distill import terms as terms_lib
 
     full = top_k >= vocab
-    names = [n for n, _ in cfg.teachers]
-    if len(names) > 1:
-        raise UserError(f"a teacher cache holds the loss section's teacher; this run also has "
-                        f"{', '.join(names[1:])} (teachers:): distil from several teachers online")
+    check_one_teacher([n for n, _ in cfg.teachers][1:])
     loss = cfg.loss
     if loss.alpha_mse > 0 and not full:
         raise UserError(f"loss.alpha_mse > 0 needs every teacher logit; the cache has the top {top_k} of {vocab}: "
